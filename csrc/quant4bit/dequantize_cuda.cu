@@ -1,0 +1,122 @@
+// CUDA dequantization of bitsandbytes 4-bit weights, bit-exact with bitsandbytes, one launch
+// including the double-quantized absmax.
+//
+// Each thread turns 8 packed bytes into 16 outputs. Blocksizes are multiples of 16, so the 16
+// outputs share one scale, computed once. Loads are 64-bit and stores 128-bit when aligned; the
+// kernel is bound by the 2-4 bytes written per output, so that is what is vectorised.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "quant4bit/quant4bit.h"
+
+namespace fastpeft {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kOutPerThread = 16;
+
+struct CodeBook {
+  float v[16];
+};
+
+template <typename T, bool Nested>
+__global__ void __launch_bounds__(kThreads)
+dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax_f,
+                       const uint8_t* __restrict__ absmax_q, const float* __restrict__ nested_absmax,
+                       const float* __restrict__ nested_code, const float* __restrict__ nested_offset,
+                       CodeBook book, int blocksize_log2, int64_t nested_blocksize, T* __restrict__ out,
+                       int64_t numel, bool vector_io) {
+  // Codes are indexed by data, so they live in shared memory (constant memory would serialise).
+  __shared__ float s_code[16];
+  __shared__ float s_nested_code[Nested ? 256 : 1];
+  if (threadIdx.x < 16) s_code[threadIdx.x] = book.v[threadIdx.x];
+  if (Nested) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_nested_code[i] = nested_code[i];
+  }
+  __syncthreads();
+  const float offset = Nested ? *nested_offset : 0.0f;
+
+  const int64_t groups = (numel + kOutPerThread - 1) / kOutPerThread;
+  const int64_t nbytes = (numel + 1) / 2;
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups;
+       g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e0 = g * kOutPerThread;
+    const int64_t b = e0 >> blocksize_log2;
+    float scale;
+    if (Nested) {
+      // bitsandbytes rounds the product, then the sum: no FMA here.
+      scale = __fadd_rn(__fmul_rn(s_nested_code[absmax_q[b]], nested_absmax[b / nested_blocksize]), offset);
+    } else {
+      scale = absmax_f[b];
+    }
+
+    uint8_t bytes[8];
+    const bool full = e0 + kOutPerThread <= numel;
+    if (full && vector_io) {
+      *reinterpret_cast<uint2*>(bytes) = *reinterpret_cast<const uint2*>(packed + g * 8);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) bytes[i] = (g * 8 + i < nbytes) ? packed[g * 8 + i] : 0;
+    }
+
+    alignas(16) T vals[kOutPerThread];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      vals[2 * i] = static_cast<T>(__fmul_rn(s_code[bytes[i] >> 4], scale));
+      vals[2 * i + 1] = static_cast<T>(__fmul_rn(s_code[bytes[i] & 0xF], scale));
+    }
+
+    if (full && vector_io) {
+      constexpr int kVecs = kOutPerThread * sizeof(T) / sizeof(uint4);
+      uint4* dst = reinterpret_cast<uint4*>(out + e0);
+      const uint4* src = reinterpret_cast<const uint4*>(vals);
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) dst[i] = src[i];
+    } else {
+      for (int i = 0; i < kOutPerThread && e0 + i < numel; ++i) out[e0 + i] = vals[i];
+    }
+  }
+}
+
+int log2_exact(int64_t v) {
+  int r = 0;
+  while ((int64_t(1) << r) < v) ++r;
+  return r;
+}
+
+}  // namespace
+
+void dequantize_4bit_cuda_kernel(const Quant4bitWeight& w, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t numel = out.numel();
+  const int64_t groups = (numel + kOutPerThread - 1) / kOutPerThread;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = std::min<int64_t>((groups + kThreads - 1) / kThreads, int64_t(sms) * 32);
+  CodeBook book;
+  const float* code = quant4bit_code(w.type);
+  for (int i = 0; i < 16; ++i) book.v[i] = code[i];
+  const bool nested = w.nested();
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dequantize_4bit_cuda", [&] {
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    const uint8_t* packed = w.packed.data_ptr<uint8_t>();
+    const bool vector_io = reinterpret_cast<uintptr_t>(out_ptr) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(packed) % 8 == 0;
+    if (nested) {
+      dequantize_4bit_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
+          packed, nullptr, w.absmax.data_ptr<uint8_t>(), w.nested_absmax.data_ptr<float>(),
+          w.nested_code.data_ptr<float>(), w.nested_offset.data_ptr<float>(), book,
+          log2_exact(w.blocksize), w.nested_blocksize, out_ptr, numel, vector_io);
+    } else {
+      dequantize_4bit_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
+          packed, w.absmax.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, book,
+          log2_exact(w.blocksize), w.nested_blocksize, out_ptr, numel, vector_io);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace fastpeft

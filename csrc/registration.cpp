@@ -1,0 +1,74 @@
+// Every fastpeft operator schema, defined once. Device kernels register with TORCH_LIBRARY_IMPL in
+// their family's folder; Python adds fake (meta) kernels and autograd in fastpeft/ops/.
+//
+// Conventions: ops ending in `_` write into an argument marked (a!) and return nothing. Lists of
+// weights describe projections that share one input (q/k/v, gate/up); a single projection is a
+// list of one.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "build_info_generated.h"
+#include "common/workspace.h"
+
+TORCH_LIBRARY(fastpeft, m) {
+  // ---- 4-bit weights (bitsandbytes NF4 / FP4) -------------------------------------------------
+  m.def(
+      "dequantize_4bit_(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? nested_offset, int blocksize, int nested_blocksize, str quant_type, "
+      "Tensor(a!) out) -> ()");
+
+  // ---- LoRA -----------------------------------------------------------------------------------
+  // out_i = x W_i^T + b_i + scaling_i * (dropout(x) A_i^T) B_i^T; also returns the shrink
+  // dropout(x) [A_1; A_2; ...]^T of shape [M, sum r_i], which backward needs.
+  m.def(
+      "lora_linear(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] lora_A, Tensor[] lora_B, "
+      "float[] scalings, float dropout_p, Tensor? seed) -> (Tensor[] outs, Tensor shrink)");
+  m.def(
+      "lora_linear_backward(Tensor[] grad_outs, Tensor x, Tensor shrink, Tensor[] weights, "
+      "Tensor[] lora_A, Tensor[] lora_B, float[] scalings, float dropout_p, Tensor? seed, "
+      "bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, "
+      "Tensor[] grad_weights, Tensor[] grad_biases)");
+  m.def(
+      "lora_linear_4bit(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor?[] nested_absmax, "
+      "Tensor?[] nested_code, Tensor?[] nested_offset, int[] out_features, int[] blocksizes, "
+      "int[] nested_blocksizes, str quant_type, Tensor?[] biases, Tensor[] lora_A, Tensor[] lora_B, "
+      "float[] scalings, float dropout_p, Tensor? seed) -> (Tensor[] outs, Tensor shrink)");
+  m.def(
+      "lora_linear_4bit_backward(Tensor[] grad_outs, Tensor x, Tensor shrink, Tensor[] packed, "
+      "Tensor[] absmax, Tensor?[] nested_absmax, Tensor?[] nested_code, Tensor?[] nested_offset, "
+      "int[] out_features, int[] blocksizes, int[] nested_blocksizes, str quant_type, "
+      "Tensor[] lora_A, Tensor[] lora_B, float[] scalings, float dropout_p, Tensor? seed, "
+      "bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, "
+      "Tensor[] grad_biases)");
+  // The dropout-fused pieces of LoRA (device kernels; the mask is a hash of seed and index).
+  m.def("lora_shrink_dropout(Tensor x, Tensor lora_A, float dropout_p, Tensor seed) -> Tensor");
+  m.def("lora_grad_A_dropout(Tensor grad_shrink, Tensor x, float dropout_p, Tensor seed) -> Tensor");
+  m.def(
+      "lora_grad_x_dropout_accum_(Tensor(a!) grad_x, Tensor grad_shrink, Tensor lora_A, "
+      "float dropout_p, Tensor seed) -> ()");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef FASTPEFT_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = std::string(FASTPEFT_BUILT_CUDA_ARCHS);
+  info["cuda_version"] = std::string(FASTPEFT_BUILT_CUDA_VERSION);
+  info["torch_version"] = std::string(FASTPEFT_BUILT_TORCH_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastpeft kernels; the operators live in torch.ops.fastpeft";
+  m.def("build_info", &build_info,
+        "What this build compiled: CUDA or CPU only, CUDA arches, CUDA and torch versions.");
+  m.def("release_cpu_workspace", &fastpeft::release_cpu_workspace,
+        "Free this thread's CPU buffer for dequantized 4-bit weights (it is re-created on demand).");
+}

@@ -1,0 +1,1 @@
+"""Drop-in nn.Modules built on fastpeft ops."""

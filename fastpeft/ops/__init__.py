@@ -1,0 +1,15 @@
+"""Typed wrappers of ``torch.ops.fastpeft.*`` with fake kernels, autograd and plain-PyTorch references."""
+
+from fastpeft.ops.dropout import dropout_reference, new_seed
+from fastpeft.ops.lora import lora_linear, lora_linear_multi, lora_linear_reference
+from fastpeft.ops.quant4bit import dequantize_4bit, dequantize_4bit_reference
+
+__all__ = [
+    "dequantize_4bit",
+    "dequantize_4bit_reference",
+    "dropout_reference",
+    "lora_linear",
+    "lora_linear_multi",
+    "lora_linear_reference",
+    "new_seed",
+]

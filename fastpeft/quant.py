@@ -1,0 +1,135 @@
+"""bitsandbytes 4-bit weights (NF4 / FP4, double-quantized or not) as plain tensors.
+
+``Quant4bitWeight.from_bnb`` reads a ``bitsandbytes.nn.Params4bit`` (or a ``Linear4bit`` layer, or
+a packed tensor with its ``QuantState``) without copying the packed weight: ``packed`` is a uint8
+view of the same storage. fastpeft's kernels take these tensors; bitsandbytes itself is only
+needed to produce them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import torch
+
+from fastpeft._extension import _C
+
+SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quant4bitWeight:
+    """A frozen 4-bit weight in bitsandbytes' layout.
+
+    Element ``e`` of the row-major weight is the high (even ``e``) or low (odd ``e``) nibble of
+    ``packed[e // 2]``, scaled by ``absmax[e // blocksize]``. When double-quantized, ``absmax`` holds
+    uint8 codes and the scale of block ``b`` is
+    ``nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + nested_offset``.
+    """
+
+    packed: torch.Tensor  # uint8 [ceil(numel / 2)], a view of the bitsandbytes storage
+    absmax: torch.Tensor  # float32 [blocks], or uint8 [blocks] when nested
+    shape: tuple  # (out_features, in_features)
+    blocksize: int
+    quant_type: str  # "nf4" or "fp4"
+    dtype: torch.dtype  # the dtype the weight was quantized from
+    nested_absmax: Optional[torch.Tensor] = None  # float32 [ceil(blocks / nested_blocksize)]
+    nested_code: Optional[torch.Tensor] = None  # float32 [256]
+    nested_offset: Optional[torch.Tensor] = None  # float32 [1]
+    nested_blocksize: int = 256
+
+    def __post_init__(self):
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        if self.blocksize not in SUPPORTED_BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {self.blocksize}")
+        if self.packed.dtype != torch.uint8:
+            raise ValueError(f"packed must be uint8 (view other storage dtypes as uint8), got {self.packed.dtype}")
+        if self.packed.numel() != (self.numel + 1) // 2:
+            raise ValueError(
+                f"packed has {self.packed.numel()} bytes but shape {tuple(self.shape)} needs {(self.numel + 1) // 2}"
+            )
+        parts = (self.nested_absmax, self.nested_code, self.nested_offset)
+        if any(p is None for p in parts) != all(p is None for p in parts):
+            raise ValueError("nested_absmax, nested_code and nested_offset must be given together")
+
+    @property
+    def nested(self) -> bool:
+        """True when the absmax is double-quantized (bitsandbytes' compress_statistics)."""
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @classmethod
+    def from_bnb(cls, weight: Any, quant_state: Any = None) -> "Quant4bitWeight":
+        """Read a bitsandbytes 4-bit weight without copying it.
+
+        ``weight`` is a ``bitsandbytes.nn.Params4bit``, a ``bitsandbytes.nn.Linear4bit`` (its
+        ``.weight`` is used), or a packed tensor together with its ``quant_state``
+        (``bitsandbytes.functional.QuantState``).
+        """
+        if quant_state is None:
+            if hasattr(weight, "weight") and hasattr(weight.weight, "quant_state"):
+                weight = weight.weight
+            quant_state = getattr(weight, "quant_state", None)
+            if quant_state is None:
+                raise ValueError(
+                    "from_bnb: weight has no quant_state; quantize it first (move the Linear4bit to a "
+                    "device) or pass quant_state="
+                )
+        data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+        packed = data.view(torch.uint8).reshape(-1)
+        st = quant_state
+        shape = tuple(int(s) for s in st.shape)
+        if len(shape) != 2:
+            raise ValueError(f"from_bnb: expected a 2-D weight, quant_state.shape is {shape}")
+        nested = {}
+        if getattr(st, "nested", False):
+            offset = st.offset
+            if not isinstance(offset, torch.Tensor):
+                offset = torch.tensor([float(offset)], dtype=torch.float32, device=packed.device)
+            nested = dict(
+                nested_absmax=st.state2.absmax.reshape(-1),
+                nested_code=st.state2.code.reshape(-1),
+                nested_offset=offset.reshape(1),
+                nested_blocksize=int(st.state2.blocksize),
+            )
+        return cls(
+            packed=packed,
+            absmax=st.absmax.reshape(-1),
+            shape=shape,
+            blocksize=int(st.blocksize),
+            quant_type=str(st.quant_type),
+            dtype=st.dtype,
+            **nested,
+        )
+
+    def to(self, device) -> "Quant4bitWeight":
+        """A copy of every tensor on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            packed=move(self.packed),
+            absmax=move(self.absmax),
+            nested_absmax=move(self.nested_absmax),
+            nested_code=move(self.nested_code),
+            nested_offset=move(self.nested_offset),
+        )
+
+
+def release_workspace() -> None:
+    """Free the calling thread's CPU buffer for dequantized weights.
+
+    On CPU, fastpeft keeps one grow-only buffer per thread (sized to the largest dequantized
+    weight) so layers do not page-fault a fresh allocation each step. On CUDA the caching
+    allocator plays that role and there is nothing to free here.
+    """
+    _C.release_cpu_workspace()
