@@ -1,0 +1,200 @@
+"""LoRA layers on fastpeft's fused op: a drop-in for peft's ``lora.Linear`` / ``lora.Linear4bit``."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from fastpeft.ops.lora import lora_linear_multi
+from fastpeft.quant import Quant4bitWeight
+
+
+def _is_bnb_linear4bit(module: nn.Module) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+class LoRALinear(nn.Module):
+    """Low-rank adapter around a frozen ``torch.nn.Linear`` or ``bitsandbytes.nn.Linear4bit``.
+
+    ``forward(x) = base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` computed by one fused op
+    (``fastpeft.ops.lora_linear``): the low-rank product is accumulated into the base output in
+    place, dropout is applied inside the shrink GEMM (no mask is stored), a 4-bit weight is
+    dequantized into a shared workspace and never kept, and backward keeps only x and the
+    [tokens, r] shrink output.
+
+    Parameters are named and initialised as in HF peft, so peft state dicts map one to one:
+    ``lora_A.weight`` [r, in] (kaiming-uniform, a=sqrt(5)) and ``lora_B.weight`` [out, r] (zeros);
+    ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``). The base layer is
+    frozen. Adapter weights are float32 by default (peft's ``autocast_adapter_dtype``) and are cast
+    to the compute dtype in forward; pass ``dtype`` to keep them in another dtype.
+
+    The compute dtype is the base weight's dtype for a dense base (the autocast dtype under
+    ``torch.autocast``), and ``base_layer.compute_dtype`` (else x's dtype) for a 4-bit base, whose
+    output is returned in x's dtype as bitsandbytes does.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool = True,
+        dtype: Optional[torch.dtype] = torch.float32,
+    ):
+        super().__init__()
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be an int >= 1, got {r!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(
+                "LoRALinear wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got " f"{type(base_layer).__name__}"
+            )
+        self.is_4bit = _is_bnb_linear4bit(base_layer)
+        if not self.is_4bit and type(base_layer) is not nn.Linear:
+            raise TypeError(
+                f"LoRALinear supports torch.nn.Linear and bitsandbytes.nn.Linear4bit, not {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout = float(lora_dropout)
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.merged = False
+        self.reset_lora_parameters(init_lora_weights)
+
+    def reset_lora_parameters(self, init_lora_weights: bool = True) -> None:
+        """peft's default init: kaiming-uniform A (a=sqrt(5)), zero B; ``False`` keeps nn.Linear's init."""
+        if init_lora_weights is False:
+            return
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if self.is_4bit:
+            return getattr(self.base_layer, "compute_dtype", None) or x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.base_layer.weight.dtype
+
+    def frozen_weight(self, dtype: torch.dtype):
+        """The base weight as the fused op takes it: a dense tensor of ``dtype`` or a Quant4bitWeight."""
+        if self.is_4bit:
+            return Quant4bitWeight.from_bnb(self.base_layer.weight)
+        w = self.base_layer.weight
+        return w if w.dtype == dtype else w.to(dtype)
+
+    def forward_args(self, x: torch.Tensor):
+        """(compute dtype, weight, bias, A, B) for the fused op, all in the compute dtype."""
+        dtype = self._compute_dtype(x)
+        bias = self.base_layer.bias
+        return (
+            dtype,
+            self.frozen_weight(dtype),
+            None if bias is None else bias.to(dtype),
+            self.lora_A.weight.to(dtype),
+            self.lora_B.weight.to(dtype),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        dtype, weight, bias, A, B = self.forward_args(x)
+        p = self.lora_dropout if self.training else 0.0
+        (out,) = lora_linear_multi(x.to(dtype), [weight], [bias], [A], [B], [self.scaling], p)
+        return out.to(x.dtype) if self.is_4bit else out
+
+    # ---- merge -----------------------------------------------------------------------------------
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` in float32, the update merge() adds to the base weight."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def merge(self) -> None:
+        """Add the adapter into a dense base weight; forward then runs the base layer alone."""
+        if self.is_4bit:
+            raise NotImplementedError(
+                "merge() needs a dense base layer: a 4-bit weight cannot hold the merged update exactly. "
+                "Dequantize the base to a dense nn.Linear first."
+            )
+        if self.merged:
+            return
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w.copy_((w.float() + self.get_delta_weight()).to(w.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the adapter from the base weight again (exact up to the weight dtype's rounding)."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w.copy_((w.float() - self.get_delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        kind = "nf4/fp4" if self.is_4bit else "dense"
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout}, base={kind}"
+
+
+class LoRAProjectionGroup(nn.Module):
+    """Several LoRALinear layers that read the same input (q/k/v, gate/up) run as one fused op.
+
+    The group holds the given layers (parameters shared, nothing copied) and ``forward(x)`` returns
+    their outputs as a tuple: one shrink GEMM over the concatenated A matrices, and in backward one
+    GEMM for the adapters' input gradient. In training all members share one dropout mask of x
+    (peft gives each projection its own), so members must have the same ``lora_dropout``.
+    """
+
+    def __init__(self, layers: Sequence[LoRALinear]):
+        super().__init__()
+        layers = list(layers)
+        if not layers or not all(isinstance(layer, LoRALinear) for layer in layers):
+            raise TypeError("LoRAProjectionGroup takes a non-empty list of LoRALinear layers")
+        if len({layer.in_features for layer in layers}) != 1:
+            raise ValueError("all layers of a group must have the same in_features")
+        if len({layer.is_4bit for layer in layers}) != 1:
+            raise ValueError("a group cannot mix dense and 4-bit base layers")
+        if len({layer.lora_dropout for layer in layers}) != 1:
+            raise ValueError("all layers of a group must have the same lora_dropout (they share one mask)")
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        if any(layer.merged for layer in self.layers):
+            return tuple(layer(x) for layer in self.layers)
+        args = [layer.forward_args(x) for layer in self.layers]
+        dtypes = {a[0] for a in args}
+        if len(dtypes) != 1:
+            raise ValueError(f"layers of a group must share a compute dtype, got {sorted(map(str, dtypes))}")
+        first = self.layers[0]
+        p = first.lora_dropout if self.training else 0.0
+        outs = lora_linear_multi(
+            x.to(args[0][0]),
+            [a[1] for a in args],
+            [a[2] for a in args],
+            [a[3] for a in args],
+            [a[4] for a in args],
+            [layer.scaling for layer in self.layers],
+            p,
+        )
+        return tuple(o.to(x.dtype) for o in outs) if first.is_4bit else tuple(outs)
