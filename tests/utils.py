@@ -42,3 +42,21 @@ def signed_zero_canonical(t: torch.Tensor) -> torch.Tensor:
     """Raw bits with -0.0 turned into +0.0, for bit-exact comparisons that ignore the sign of zero."""
     t = t + 0.0  # -0.0 + 0.0 == +0.0; every other value is unchanged
     return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
+
+
+def saved_tensor_bytes(fn, exclude=()):
+    """Bytes autograd saves for backward while ``fn`` runs: each storage counted once, storages of
+    ``exclude`` (parameters, frozen weights) skipped. Returns (bytes, list of saved shapes)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen, shapes = {}, []
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), shapes, out

@@ -105,6 +105,8 @@ class LoRALinear(nn.Module):
 
     def forward_args(self, x: torch.Tensor):
         """(compute dtype, weight, bias, A, B) for the fused op, all in the compute dtype."""
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"{type(self).__name__}: x must be [..., {self.in_features}], got {list(x.shape)}")
         dtype = self._compute_dtype(x)
         bias = self.base_layer.bias
         return (
