@@ -69,13 +69,21 @@ def test_dequantize_bit_exact_with_bitsandbytes(device, quant_type, nested, dtyp
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_fp4_native_path_keeps_signed_zero(quant_type):
-    # Even last dim and blocksize 64: bitsandbytes' native CPU kernel; raw bits equal, -0.0 included.
-    packed, state, qw = quantize((64, 128), quant_type, 64, False, torch.float32)
+def test_every_code_matches_bitsandbytes_native_kernel(quant_type):
+    # Every byte value (so every nibble, FP4's -0.0 code 8 included) through bitsandbytes' native
+    # kernel (even in_features, a multiple of the blocksize < 2048): raw bits must agree.
+    packed = torch.arange(256, dtype=torch.uint8).repeat(16).view(-1, 1)  # 4096 bytes = 64 x 128 weights
+    absmax = torch.rand(128) + 0.5
+    code = BF.get_4bit_type(quant_type, device="cpu")
+    state = BF.QuantState(absmax=absmax, shape=torch.Size([64, 128]), code=code, blocksize=64,
+                          quant_type=quant_type, dtype=torch.float32)  # fmt: skip
     expected = BF.dequantize_4bit(packed, state)
-    if quant_type == "fp4" and not torch.signbit(expected[expected == 0]).any():
-        pytest.skip("this bitsandbytes build takes its +0.0 fallback path on this CPU")
-    assert torch.equal(dequantize_4bit(qw).view(torch.int32), expected.view(torch.int32))
+    got = dequantize_4bit(Quant4bitWeight.from_bnb(packed, state))
+    if quant_type == "fp4":
+        # Per 256 bytes, each nibble position holds code 0 in 16 bytes and code 8 (-0.0) in 16.
+        assert (got == 0).sum() == 16 * 64
+        assert torch.signbit(got[got == 0]).sum() == 16 * 32
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
 
 
 def test_nested_blocksize_other_than_256():
