@@ -92,42 +92,20 @@ def load_nf4_model(device: str):
     return model, tokenizer
 
 
-def inject_fastpeft_lora(model, r: int, alpha: int, dropout: float):
-    from fastpeft.nn import LoRALinear
-
-    import bitsandbytes as bnb
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, bnb.nn.Linear4bit) and name.rsplit(".", 1)[-1] in TARGET_MODULES:
-            parent = model.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, name.rsplit(".", 1)[-1], LoRALinear(module, r=r, lora_alpha=alpha, lora_dropout=dropout))
-            replaced += 1
-    for p in model.classifier.parameters():
-        p.requires_grad_(True)
-    return replaced
-
-
-def peft_lora(model, r: int, alpha: int, dropout: float):
+def lora_config(r: int, alpha: int, dropout: float):
     import peft
 
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(TARGET_MODULES),
-                             modules_to_save=["classifier"], task_type="SEQ_CLS")  # fmt: skip
-    return peft.get_peft_model(model, config)
+    return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(TARGET_MODULES),
+                           modules_to_save=["classifier"], task_type="SEQ_CLS")  # fmt: skip
 
 
-def copy_lora_weights(src_fastpeft, dst_peft):
-    """Give peft's adapters the exact initial weights of fastpeft's (same run, same start)."""
-    src = {n: p for n, p in src_fastpeft.named_parameters() if p.requires_grad}
-    with torch.no_grad():
-        for name, p in dst_peft.named_parameters():
-            if not p.requires_grad:
-                continue
-            key = name.removeprefix("base_model.model.").replace(".default", "")
-            key = key.replace("classifier.modules_to_save.", "classifier.")
-            p.copy_(src[key])
+def peft_twin(model, fast_model, config):
+    """peft + bitsandbytes on the same model, starting from fastpeft's exact adapter weights."""
+    import peft
+
+    peft_model = peft.get_peft_model(model, config)
+    peft.set_peft_model_state_dict(peft_model, {k: v.detach() for k, v in fast_model.adapter_state_dict().items()})
+    return peft_model
 
 
 def batches(data, tokenizer, batch_size, device, shuffle, seed):
@@ -211,22 +189,20 @@ def main(argv=None):
           "(disjoint words)")  # fmt: skip
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_nf4_model(device)
-    peft_base = copy.deepcopy(model) if not args.no_peft else None
-    replaced = inject_fastpeft_lora(model, r=args.r, alpha=2 * args.r, dropout=0.0)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"fastpeft: {replaced} NF4 linear layers got LoRA r={args.r}; trainable {trainable:,} of {total:,} parameters")
+    base, tokenizer = load_nf4_model(device)
+    peft_base = copy.deepcopy(base) if not args.no_peft else None
+    config = lora_config(r=args.r, alpha=2 * args.r, dropout=0.0)
+    model = fastpeft.get_peft_model(base, config)
+    replaced = sum(isinstance(m, fastpeft.nn.LoRALinear) for m in model.modules())
+    print(f"fastpeft: {replaced} NF4 linear layers got LoRA r={args.r}")
+    model.print_trainable_parameters()
 
     acc_before = accuracy(model, test_data, tokenizer, device)
     print(f"test accuracy before fine-tuning: {acc_before:.1%}")
 
     results = {"method": args.method, "device": common.device_name(device), "steps": args.steps,
                "batch_size": args.batch_size, "accuracy_before": acc_before}  # fmt: skip
-    peft_model = None
-    if peft_base is not None:
-        peft_model = peft_lora(peft_base, r=args.r, alpha=2 * args.r, dropout=0.0)
-        copy_lora_weights(model, peft_model)
+    peft_model = peft_twin(peft_base, model, config) if peft_base is not None else None
 
     torch.manual_seed(args.seed)
     losses, speed = train(model, train_data, tokenizer, device, args.steps, args.batch_size, args.lr, args.seed,

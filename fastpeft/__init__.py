@@ -7,6 +7,7 @@ drop-in layers in ``fastpeft.nn``; bitsandbytes 4-bit weights as plain tensors i
 from fastpeft._extension import build_info
 from fastpeft import ops, quant  # noqa: E402  (ops registers fake kernels and autograd)
 from fastpeft import nn  # noqa: E402
+from fastpeft.integrations import FastPeftModel, from_pretrained, get_peft_model, patch, unpatch  # noqa: E402
 
-__all__ = ["build_info", "ops", "quant", "nn"]
+__all__ = ["build_info", "ops", "quant", "nn", "FastPeftModel", "from_pretrained", "get_peft_model", "patch", "unpatch"]
 __version__ = "0.1.0"

@@ -12,12 +12,45 @@ from fastpeft.ops.lora import lora_linear_multi
 from fastpeft.quant import Quant4bitWeight
 
 
-def _is_bnb_linear4bit(module: nn.Module) -> bool:
+def is_bnb_linear4bit(module: nn.Module) -> bool:
     try:
         import bitsandbytes as bnb
     except ImportError:
         return False
     return isinstance(module, bnb.nn.Linear4bit)
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    """A frozen layer the fused op can run: torch.nn.Linear or bitsandbytes.nn.Linear4bit."""
+    return type(module) is nn.Linear or is_bnb_linear4bit(module)
+
+
+def compute_dtype(base_layer: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype the fused op runs in: the base weight's (the autocast dtype under torch.autocast)
+    for a dense base, ``compute_dtype`` (else x's dtype) for a bitsandbytes 4-bit base."""
+    if is_bnb_linear4bit(base_layer):
+        return getattr(base_layer, "compute_dtype", None) or x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return base_layer.weight.dtype
+
+
+def fused_lora_args(base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor):
+    """(compute dtype, frozen weight, bias, A, B) for the fused op; tensors in the compute dtype."""
+    dtype = compute_dtype(base_layer, x)
+    bias = base_layer.bias
+    if is_bnb_linear4bit(base_layer):
+        weight = Quant4bitWeight.from_bnb(base_layer.weight)
+    else:
+        weight = base_layer.weight if base_layer.weight.dtype == dtype else base_layer.weight.to(dtype)
+    return dtype, weight, None if bias is None else bias.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+
+
+def fused_lora_forward(base_layer, lora_A, lora_B, scaling, dropout_p, x):
+    """``base_layer(x) + scaling * (dropout(x) A^T) B^T`` through the fused op (one projection)."""
+    dtype, weight, bias, A, B = fused_lora_args(base_layer, lora_A, lora_B, x)
+    (out,) = lora_linear_multi(x.to(dtype), [weight], [bias], [A], [B], [scaling], dropout_p)
+    return out.to(x.dtype) if is_bnb_linear4bit(base_layer) else out
 
 
 class LoRALinear(nn.Module):
@@ -59,8 +92,8 @@ class LoRALinear(nn.Module):
             raise TypeError(
                 "LoRALinear wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got " f"{type(base_layer).__name__}"
             )
-        self.is_4bit = _is_bnb_linear4bit(base_layer)
-        if not self.is_4bit and type(base_layer) is not nn.Linear:
+        self.is_4bit = is_bnb_linear4bit(base_layer)
+        if not is_supported_base(base_layer):
             raise TypeError(
                 f"LoRALinear supports torch.nn.Linear and bitsandbytes.nn.Linear4bit, not {type(base_layer).__name__}"
             )
@@ -80,50 +113,36 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.reset_lora_parameters(init_lora_weights)
 
-    def reset_lora_parameters(self, init_lora_weights: bool = True) -> None:
-        """peft's default init: kaiming-uniform A (a=sqrt(5)), zero B; ``False`` keeps nn.Linear's init."""
+    def reset_lora_parameters(self, init_lora_weights=True) -> None:
+        """peft's inits: ``True`` kaiming-uniform A (a=sqrt(5)) and zero B; ``"gaussian"`` normal A
+        (std 1/r) and zero B; ``False`` keeps nn.Linear's random init of both (B nonzero)."""
         if init_lora_weights is False:
             return
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
         nn.init.zeros_(self.lora_B.weight)
 
     # ---- forward ---------------------------------------------------------------------------------
 
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if self.is_4bit:
-            return getattr(self.base_layer, "compute_dtype", None) or x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return self.base_layer.weight.dtype
-
-    def frozen_weight(self, dtype: torch.dtype):
-        """The base weight as the fused op takes it: a dense tensor of ``dtype`` or a Quant4bitWeight."""
-        if self.is_4bit:
-            return Quant4bitWeight.from_bnb(self.base_layer.weight)
-        w = self.base_layer.weight
-        return w if w.dtype == dtype else w.to(dtype)
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"{type(self).__name__}: x must be [..., {self.in_features}], got {list(x.shape)}")
 
     def forward_args(self, x: torch.Tensor):
         """(compute dtype, weight, bias, A, B) for the fused op, all in the compute dtype."""
-        if x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"{type(self).__name__}: x must be [..., {self.in_features}], got {list(x.shape)}")
-        dtype = self._compute_dtype(x)
-        bias = self.base_layer.bias
-        return (
-            dtype,
-            self.frozen_weight(dtype),
-            None if bias is None else bias.to(dtype),
-            self.lora_A.weight.to(dtype),
-            self.lora_B.weight.to(dtype),
-        )
+        self._check_input(x)
+        return fused_lora_args(self.base_layer, self.lora_A.weight, self.lora_B.weight, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        dtype, weight, bias, A, B = self.forward_args(x)
+        self._check_input(x)
         p = self.lora_dropout if self.training else 0.0
-        (out,) = lora_linear_multi(x.to(dtype), [weight], [bias], [A], [B], [self.scaling], p)
-        return out.to(x.dtype) if self.is_4bit else out
+        return fused_lora_forward(self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, p, x)
 
     # ---- merge -----------------------------------------------------------------------------------
 

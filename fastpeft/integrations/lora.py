@@ -1,0 +1,134 @@
+"""Put fastpeft LoRA layers into a model the way peft's LoraModel would, from a peft LoraConfig.
+
+Module selection is peft's own (its target matching, ``all-linear``, ``exclude_modules``,
+``rank_pattern`` / ``alpha_pattern``), so fastpeft adapts exactly the layers peft would, and the
+adapter parameters end up with peft's names: ``<module path>.lora_A.weight`` and ``.lora_B.weight``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from fastpeft.nn.lora import LoRALinear, is_supported_base
+
+# LoraConfig fields fastpeft does not implement, with the value that means "off".
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": False,
+    "lora_bias": False,
+    "fan_in_fan_out": False,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "kasa_config": None,
+}
+
+
+def effective_config(config):
+    """A copy of ``config`` with peft's task defaults applied (SEQ_CLS saves its classifier head)."""
+    config = copy.deepcopy(config)
+    if getattr(config, "task_type", None) == "SEQ_CLS" and not config.modules_to_save:
+        config.modules_to_save = ["classifier", "score"]
+    return config
+
+
+def check_supported(config) -> None:
+    problems = [
+        f"{name}={getattr(config, name)!r}"
+        for name, off in _UNSUPPORTED_OPTIONS.items()
+        if getattr(config, name, off) not in (off, None, False, {}, [])
+    ]
+    if config.bias != "none":
+        problems.append(f"bias={config.bias!r}")
+    if config.init_lora_weights not in (True, False, "gaussian"):
+        problems.append(f"init_lora_weights={config.init_lora_weights!r}")
+    if problems:
+        raise NotImplementedError(
+            "fastpeft's LoRA does not implement these LoraConfig options: " + ", ".join(problems)
+            + ". Use peft for them, or switch them off."
+        )
+
+
+def target_module_names(model: nn.Module, config) -> list:
+    """Names of the modules peft would adapt, resolved with peft's own matching rules."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
+    config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+    names = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
+    if not names:
+        raise ValueError(f"target_modules {config.target_modules!r} matched no module of {type(model).__name__}")
+    return names
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    from peft.utils.other import get_pattern_key
+
+    if not pattern:
+        return default
+    key = get_pattern_key(list(pattern), name)
+    return pattern.get(key, default)
+
+
+def inject_lora(model: nn.Module, config) -> list:
+    """Replace every targeted layer of ``model`` by a LoRALinear, in place; return their names.
+
+    Raises (before changing anything) if a targeted module is not a torch.nn.Linear or a
+    bitsandbytes Linear4bit, naming each such module and its type.
+    """
+    check_supported(config)
+    names = target_module_names(model, config)
+    modules = {name: model.get_submodule(name) for name in names}
+    unsupported = [f"{name} ({type(m).__name__})" for name, m in modules.items() if not is_supported_base(m)]
+    if unsupported:
+        raise NotImplementedError(
+            "fastpeft LoRA runs on torch.nn.Linear and bitsandbytes Linear4bit layers; these targeted "
+            f"modules are neither: {', '.join(unsupported)}. Narrow target_modules, or use peft for them."
+        )
+    for name, module in modules.items():
+        r = _pattern_value(config.rank_pattern, name, config.r)
+        alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        layer = LoRALinear(module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                           use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)  # fmt: skip
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return names
+
+
+def lora_parameter_names(model: nn.Module) -> list:
+    """Names (relative to ``model``) of every LoRA adapter parameter."""
+    return [
+        f"{name}.{part}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, LoRALinear)
+        for part in ("lora_A", "lora_B")
+    ]
+
+
+def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if merge:
+        for _, module in layers:
+            module.merge()  # raises for 4-bit bases before any layer is replaced
+    for name, module in layers:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every LoRALinear into its dense base layer and put the base layer back in its place."""
+    return _replace_lora_layers(model, merge=True)
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Put every LoRALinear's base layer back in its place, dropping the adapter (no merge)."""
+    return _replace_lora_layers(model, merge=False)

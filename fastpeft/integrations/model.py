@@ -1,0 +1,203 @@
+"""``fastpeft.get_peft_model``: put fused fastpeft layers into a HF transformers model from a peft config.
+
+The returned ``FastPeftModel`` is laid out like peft's ``PeftModel`` (``model.base_model.model`` is
+the adapted transformers model), so adapter parameters are named exactly as peft saves them and
+checkpoints are interchangeable with peft's.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+
+from fastpeft.integrations import checkpoint
+from fastpeft.integrations.lora import effective_config, inject_lora, lora_parameter_names, unload_lora
+from fastpeft.integrations.lora import merge_and_unload as merge_lora
+
+# peft_type -> function(model, config) -> names of the adapter parameters it created. Each method
+# family registers its injector here as it lands.
+INJECTORS: Dict[str, Callable] = {}
+
+
+def _inject_lora(model: nn.Module, config) -> list:
+    inject_lora(model, config)
+    return lora_parameter_names(model)
+
+
+INJECTORS["LORA"] = _inject_lora
+
+
+def _peft_type(config) -> str:
+    peft_type = getattr(config, "peft_type", None)
+    return getattr(peft_type, "value", peft_type) or type(config).__name__
+
+
+def _modules_to_save(model: nn.Module, targets) -> list:
+    """Parameter names of the modules peft would train in full (``modules_to_save``)."""
+    if not targets:
+        return []
+    names = []
+    for name, module in model.named_modules():
+        if any(name == t or name.endswith("." + t) for t in targets):
+            for pname, p in module.named_parameters():
+                p.requires_grad_(True)
+                names.append(f"{name}.{pname}")
+    return names
+
+
+class _TunerModel(nn.Module):
+    """Holds the adapted model as ``.model``: parameter names read ``base_model.model.<path>``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class FastPeftModel(nn.Module):
+    """A transformers model with fastpeft adapters, laid out and saved like peft's PeftModel.
+
+    Attribute access falls through to the wrapped model (``config``, ``generate`` ...).
+    """
+
+    def __init__(self, model: nn.Module, peft_config, adapter_parameter_names: list):
+        super().__init__()
+        self.base_model = _TunerModel(model)
+        self.peft_config = peft_config
+        self._adapter_parameter_names = list(adapter_parameter_names)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    # ---- parameters --------------------------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict:
+        """The adapter's tensors under peft's checkpoint keys (``base_model.model.<path>...``)."""
+        params = dict(self.base_model.model.named_parameters())
+        return {checkpoint.PEFT_PREFIX + n: params[n] for n in self._adapter_parameter_names}
+
+    def get_nb_trainable_parameters(self) -> tuple:
+        """(trainable, all) parameter counts; a 4-bit weight counts its unpacked elements, as peft does."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            if type(p).__name__ == "Params4bit":
+                n *= 2 * (p.quant_storage.itemsize if hasattr(p, "quant_storage") else 1)
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as peft does (atomically);
+        ``peft.PeftModel.from_pretrained`` loads them."""
+        checkpoint.save_adapter(save_directory, self.peft_config, self.adapter_state_dict())
+
+    def load_adapter(self, directory: str) -> None:
+        """Load adapter weights saved by fastpeft or peft. Nothing changes unless all of them fit."""
+        tensors = checkpoint.load_tensors(directory)
+        checkpoint.check_tensors(tensors, self.adapter_state_dict(), directory)
+        self._assign_adapter(tensors)
+
+    @torch.no_grad()
+    def _assign_adapter(self, tensors: dict) -> None:
+        own = self.adapter_state_dict()
+        for key, value in tensors.items():
+            own[key].copy_(value.to(own[key].dtype))
+
+    # ---- unloading ---------------------------------------------------------------------------------
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the adapters into the (dense) base weights and return the plain transformers model."""
+        return merge_lora(self.base_model.model)
+
+    def unload(self) -> nn.Module:
+        """Remove the adapters without merging and return the plain transformers model."""
+        return unload_lora(self.base_model.model)
+
+    # ---- training helpers --------------------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """Turn on the wrapped model's gradient checkpointing. The embeddings are frozen, so their
+        output is made to require grad (as peft does), else reentrant checkpoints would see no grad."""
+        self.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(self.base_model.model, "enable_input_require_grads"):
+            self.base_model.model.enable_input_require_grads()
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapper_class(model_cls: type) -> type:
+    """FastPeftModel whose forward carries ``model_cls.forward``'s signature: the HF Trainer reads the
+    signature to decide which dataset columns to pass (peft gets that by special-casing PeftModel)."""
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    forward.__signature__ = inspect.signature(model_cls.forward)
+    forward.__doc__ = f"Calls the wrapped {model_cls.__name__}."
+    return type(f"FastPeft{model_cls.__name__}", (FastPeftModel,), {"forward": forward, "__module__": __name__})
+
+
+def get_peft_model(model: nn.Module, peft_config) -> FastPeftModel:
+    """Replace the modules ``peft_config`` targets with fused fastpeft layers; freeze the rest.
+
+    ``peft_config`` is a peft config object (``LoraConfig`` so far; the other method families add
+    theirs). The model may be dense or loaded in 4-bit through ``BitsAndBytesConfig``. Layers are
+    selected with peft's own rules; options fastpeft does not implement, and targeted modules it
+    cannot run, raise before the model is touched.
+    """
+    peft_type = _peft_type(peft_config)
+    if peft_type not in INJECTORS:
+        raise NotImplementedError(
+            f"fastpeft.get_peft_model supports {sorted(INJECTORS)} configs, got {type(peft_config).__name__}"
+        )
+    config = effective_config(peft_config) if peft_type == "LORA" else peft_config
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        names = INJECTORS[peft_type](model, config)
+    except Exception:
+        for n, p in model.named_parameters():  # injectors validate before changing modules
+            p.requires_grad_(requires_grad.get(n, p.requires_grad))
+        raise
+    names += _modules_to_save(model, getattr(config, "modules_to_save", None))
+    return _wrapper_class(type(model))(model, config, names)
+
+
+def from_pretrained(model: nn.Module, directory: str) -> FastPeftModel:
+    """Load an adapter saved by fastpeft or peft (``save_pretrained``) onto ``model``.
+
+    A missing, truncated or corrupted checkpoint, or one that does not fit the model, raises
+    ``fastpeft.integrations.checkpoint.CheckpointError`` and leaves ``model`` as it was.
+    """
+    config = checkpoint.load_config(directory)
+    tensors = checkpoint.load_tensors(directory)  # read (and validate) before touching the model
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    fast = get_peft_model(model, config)
+    try:
+        checkpoint.check_tensors(tensors, fast.adapter_state_dict(), directory)
+    except checkpoint.CheckpointError:
+        unload_lora(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires_grad[n])
+        raise
+    fast._assign_adapter(tensors)
+    return fast

@@ -1,0 +1,107 @@
+"""``fastpeft.patch(peft_model)``: run an existing peft model's LoRA layers through the fused op.
+
+The peft model keeps its modules and parameters (same objects, so optimizers, checkpoints and
+``save_pretrained`` are unaffected); only each LoRA layer's ``forward`` is replaced by one that
+calls ``fastpeft.ops.lora_linear`` with that layer's own weights. ``unpatch`` restores peft's
+forward. Every LoRA layer that cannot be accelerated keeps peft's forward and is reported with its
+reason (in the returned report and as a warning), never skipped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import warnings
+from collections import Counter
+
+from torch import nn
+
+from fastpeft.nn.lora import fused_lora_forward, is_supported_base
+
+_MARK = "_fastpeft_patched"
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What ``patch`` did: the layers now fused and, per layer left on peft's path, the reason."""
+
+    patched: list = dataclasses.field(default_factory=list)
+    skipped: dict = dataclasses.field(default_factory=dict)  # module name -> reason
+
+    def summary(self) -> str:
+        lines = [f"fastpeft.patch: {len(self.patched)} LoRA layers fused, {len(self.skipped)} left to peft"]
+        for reason, count in Counter(self.skipped.values()).most_common():
+            lines.append(f"  {count} x {reason}")
+        return "\n".join(lines)
+
+
+def _reason_not_fusable(module) -> str | None:
+    from peft.tuners.lora import layer as lora_layer
+
+    linear_types = (lora_layer.Linear,)
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+
+        linear_types += tuple(t for t in (getattr(lora_bnb, "Linear4bit", None),) if t is not None)
+    except ImportError:
+        pass
+    if not isinstance(module, linear_types):
+        return f"{type(module).__name__} LoRA layers are not fused (only Linear / Linear4bit)"
+    if not is_supported_base(module.get_base_layer()):
+        return f"base layer {type(module.get_base_layer()).__name__} is not nn.Linear or bitsandbytes Linear4bit"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True"
+    for adapter in module.active_adapters:
+        if module.lora_variant.get(adapter) is not None:
+            return f"LoRA variant {type(module.lora_variant[adapter]).__name__} (e.g. DoRA)"
+        if module.lora_bias.get(adapter, False):
+            return "lora_bias=True"
+        dropout = module.lora_dropout[adapter]
+        if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+            return f"dropout module {type(dropout).__name__}"
+    return None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    adapters = [a for a in self.active_adapters if a in self.lora_A]
+    # Paths peft handles itself: extra arguments (mixed-adapter batches ...), merged or disabled
+    # adapters, several active adapters at once.
+    if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1:
+        return type(self).forward(self, x, *args, **kwargs)
+    adapter = adapters[0]
+    dropout = self.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return fused_lora_forward(
+        self.get_base_layer(), self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, x
+    )
+
+
+def patch(peft_model: nn.Module, warn: bool = True) -> PatchReport:
+    """Switch every LoRA layer of a peft model to fastpeft's fused kernels, in place."""
+    from peft.tuners.lora import LoraLayer
+
+    report = PatchReport()
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or getattr(module, _MARK, False):
+            continue
+        reason = _reason_not_fusable(module)
+        if reason:
+            report.skipped[name] = reason
+            continue
+        module.forward = types.MethodType(_fused_forward, module)
+        setattr(module, _MARK, True)
+        report.patched.append(name)
+    if warn and report.skipped:
+        warnings.warn(report.summary(), stacklevel=2)
+    return report
+
+
+def unpatch(peft_model: nn.Module) -> int:
+    """Give every patched layer its peft forward back; returns how many were restored."""
+    restored = 0
+    for module in peft_model.modules():
+        if getattr(module, _MARK, False):
+            del module.forward  # the instance attribute; the class's (peft's) forward shows again
+            delattr(module, _MARK)
+            restored += 1
+    return restored

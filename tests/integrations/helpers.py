@@ -1,0 +1,100 @@
+"""Tiny transformers models built from configs, and peft/fastpeft twins with the same weights."""
+
+import copy
+
+import peft
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import fastpeft
+
+VOCAB = 128
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **common))
+    if arch == "qwen2":  # q/k/v projections with bias, GQA
+        return Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **common))
+    if arch == "bert":
+        # No hidden/attention dropout: twin models must see the same activations in train mode.
+        return BertForSequenceClassification(
+            BertConfig(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+        )
+    raise ValueError(arch)
+
+
+def tiny_model_4bit(arch: str, tmp_path, seed: int = 0):
+    """The tiny model saved and reloaded with its linear layers in NF4 (bitsandbytes, on the CPU)."""
+    folder = tmp_path / f"{arch}-dense"
+    if not folder.exists():
+        tiny_model(arch, seed).save_pretrained(folder)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier", "lm_head"])  # fmt: skip
+    cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "bert": BertForSequenceClassification}[arch]
+    return cls.from_pretrained(folder, quantization_config=quant, device_map={"": "cpu"})
+
+
+def lora_config(arch: str, **kwargs):
+    if arch == "bert":
+        kwargs.setdefault("target_modules", ["query", "key", "value", "dense"])
+        kwargs.setdefault("task_type", "SEQ_CLS")
+    else:
+        kwargs.setdefault("target_modules", "all-linear")
+        kwargs.setdefault("task_type", "CAUSAL_LM")
+    kwargs.setdefault("r", 8)
+    kwargs.setdefault("lora_alpha", 16)
+    return peft.LoraConfig(**kwargs)
+
+
+def randomize_lora_B(model):
+    """peft and fastpeft start B at zero; tests need adapters that change the output."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+
+
+def peft_to_fastpeft_name(name: str) -> str:
+    """peft's parameter name as fastpeft names it (no adapter name; no torch.compile wrapper prefix)."""
+    return name.removeprefix("_orig_mod.").replace(".modules_to_save.default", "").replace(".default", "")
+
+
+def twins(model, config):
+    """(peft model, fastpeft model) over copies of ``model`` with identical adapter weights."""
+    peft_model = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
+    randomize_lora_B(peft_model)
+    fast = fastpeft.get_peft_model(copy.deepcopy(model), config)
+    fast._assign_adapter(peft.get_peft_model_state_dict(peft_model))
+    return peft_model, fast
+
+
+def batch(arch: str, seed: int = 1, batch_size: int = 3, seq: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (batch_size, seq), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -3:] = 0  # some padding
+    if arch == "bert":
+        labels = torch.randint(0, 3, (batch_size,), generator=g)
+    else:
+        labels = input_ids.clone()
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def loss_and_grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {peft_to_fastpeft_name(n): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), out.loss.detach(), grads
