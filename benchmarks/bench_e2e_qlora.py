@@ -1,0 +1,205 @@
+"""End-to-end QLoRA fine-tuning: fastpeft vs peft + bitsandbytes on the same model, data and seed.
+
+A Llama-architecture causal LM (random weights; size by flag) with every linear layer but lm_head in
+NF4 (double-quantized), LoRA r=16 on all of them, gradient checkpointing on. Both runs start from
+the same adapter weights and see the same batches; the script reports tokens/s, peak memory
+(CUDA) and the largest gap between the two loss curves, and writes a JSON and a PNG plot.
+
+  python benchmarks/bench_e2e_qlora.py                    # tiny model on CPU (minutes)
+  python benchmarks/bench_e2e_qlora.py --size 1b          # Llama-3.2-1B shapes (GPU)
+  python benchmarks/bench_e2e_qlora.py --size 8b          # Llama-3-8B shapes (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore", message=".*kernels.*")
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+SIZES = {
+    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=2048),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+}  # fmt: skip
+
+
+def quantize_to_nf4(model: nn.Module, device: str, compute_dtype: torch.dtype) -> nn.Module:
+    """Swap every nn.Linear but lm_head for a bitsandbytes NF4 Linear4bit (what BitsAndBytesConfig
+    load_in_4bit does), one layer at a time so the dense model never has to fit twice."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name.endswith("lm_head"):
+            continue
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)  # fmt: skip
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4")
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q.to(device))
+    model.is_loaded_in_4bit = True  # what transformers sets; peft picks its bnb layers by it
+    return model.to(device)
+
+
+def build_model(size: str, device: str, dtype: torch.dtype, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(max_position_embeddings=4096, **SIZES[size])
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return quantize_to_nf4(model, device, dtype)
+
+
+def make_batches(vocab: int, batch: int, seq: int, steps: int, device: str, seed: int):
+    """A learnable stream: each sequence follows t[i+1] = (a * t[i] + b) mod vocab, per-sequence a, b."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        a = torch.randint(1, 8, (batch, 1), generator=g)
+        b = torch.randint(0, vocab, (batch, 1), generator=g)
+        t = torch.randint(0, vocab, (batch, 1), generator=g)
+        seqs = [t]
+        for _ in range(seq - 1):
+            t = (a * t + b) % vocab
+            seqs.append(t)
+        ids = torch.cat(seqs, 1).to(device)
+        out.append(dict(input_ids=ids, labels=ids))
+    return out
+
+
+def train(model, batches, device, lr, warmup):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses, tokens = [], 0
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    start = None
+    for step, inputs in enumerate(batches):
+        if step == warmup:
+            common.synchronize(device)
+            start, tokens = time.perf_counter(), 0
+        loss = model(**inputs).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        tokens += inputs["input_ids"].numel()
+    common.synchronize(device)
+    elapsed = time.perf_counter() - start
+    result = dict(losses=losses, tokens_per_s=tokens / elapsed, seconds=elapsed)
+    if device.startswith("cuda"):
+        result["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+    return result
+
+
+def plot(results: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, r in results.items():
+        ax1.plot(r["losses"], label=name)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax1.set_title("loss (same data, seed, init)")
+    names = list(results)
+    ax2.bar(names, [results[n]["tokens_per_s"] for n in names], color=["tab:blue", "tab:orange"][: len(names)])
+    ax2.set_ylabel("tokens / s")
+    ax2.set_title("training throughput")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    import peft
+
+    import fastpeft
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="default: 1b on GPU, tiny on CPU")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    device = args.device
+    gpu = device.startswith("cuda")
+    size = args.size or ("1b" if gpu else "tiny")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    batch = args.batch or (4 if gpu else 4)
+    seq = args.seq or (1024 if gpu else 128)
+    steps = args.steps or (20 if gpu else 12)
+    warmup = 2
+
+    base = build_model(size, device, dtype, seed=0)
+    peft_base = copy.deepcopy(base)
+    config = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", task_type="CAUSAL_LM")
+    fast = fastpeft.get_peft_model(base, config)
+    peft_model = peft.get_peft_model(peft_base, copy.deepcopy(config))
+    with torch.no_grad():  # same nonzero start for both: B would be zero at init
+        for p in fast.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    peft.set_peft_model_state_dict(peft_model, {k: v.detach() for k, v in fast.adapter_state_dict().items()})
+    if not args.no_checkpointing:
+        fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.base_model.model.enable_input_require_grads()
+    fast.train()
+    peft_model.train()
+    batches = make_batches(SIZES[size]["vocab_size"], batch, seq, steps, device, seed=1)
+
+    results = {}
+    for name, model in (("fastpeft", fast), ("peft+bitsandbytes", peft_model)):
+        torch.manual_seed(0)
+        results[name] = train(model, batches, device, args.lr, warmup)
+        r = results[name]
+        mem = f", peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else ""
+        print(f"{name:18s} {r['tokens_per_s']:.0f} tokens/s{mem}, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}",
+              flush=True)  # fmt: skip
+    gap = max(abs(a - b) for a, b in zip(results["fastpeft"]["losses"], results["peft+bitsandbytes"]["losses"]))
+    speedup = results["fastpeft"]["tokens_per_s"] / results["peft+bitsandbytes"]["tokens_per_s"]
+    summary = dict(size=size, batch=batch, seq=seq, steps=steps, r=args.r, dtype=str(dtype).replace("torch.", ""),
+                   gradient_checkpointing=not args.no_checkpointing, speedup=speedup, max_loss_gap=gap)  # fmt: skip
+    if gpu:
+        summary["memory_ratio"] = results["fastpeft"]["peak_mem_gib"] / results["peft+bitsandbytes"]["peak_mem_gib"]
+    print(f"fastpeft: {speedup:.2f}x the tokens/s of peft+bitsandbytes; largest loss gap {gap:.2e}"
+          + (f"; peak memory {summary['memory_ratio']:.2f}x" if gpu else ""))  # fmt: skip
+    if not args.no_write:
+        path = common.write_results(f"bench_e2e_qlora_{size}", device, [summary], extra={"runs": results})
+        png = path.replace(".json", ".png")
+        plot(results, png, f"QLoRA {size} on {common.device_name(device)}: batch {batch} x {seq}, r={args.r}")
+        print("wrote", path, "and", png)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
