@@ -55,11 +55,11 @@ C10_HOST_DEVICE inline void adamw_update(float& param, float grad, float& exp_av
                                          const AdamWScalars& s) {
   param = param * s.decay;  // exact when weight_decay == 0 (decay == 1)
   // torch.lerp's two-sided formula keeps the result exact at both ends of the weight range.
-  if (s.lerp_weight < 0.5f) {
-    exp_avg = exp_avg + s.lerp_weight * (grad - exp_avg);
-  } else {
-    exp_avg = grad - (grad - exp_avg) * (1.0f - s.lerp_weight);
-  }
+  // Both sides are computed and one is selected: no branch, so CPU loops vectorise.
+  const float diff = grad - exp_avg;
+  const float from_start = exp_avg + s.lerp_weight * diff;
+  const float from_end = grad - diff * (1.0f - s.lerp_weight);
+  exp_avg = s.lerp_weight < 0.5f ? from_start : from_end;
   exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * grad * grad;
   const float denom = ::sqrtf(exp_avg_sq) / s.bias_correction2_sqrt + s.eps;
   param = param + s.neg_step_size * exp_avg / denom;

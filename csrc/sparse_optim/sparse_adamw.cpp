@@ -72,6 +72,8 @@ SparseAdamWTensor describe(size_t i, const at::Tensor& param, const at::Tensor& 
     if (!idx.is_same(*indices)) keep_alive.push_back(idx);
     t.indices = idx.data_ptr();
     t.count = idx.numel();
+    TORCH_CHECK(t.count <= t.numel, kOp, ": ", i_name, " has ", t.count, " entries but ", p_name, " has only ",
+                t.numel, " elements (indices must be unique)");
     t.index_kind = idx.scalar_type() == at::kInt ? IndexKind::Int32 : IndexKind::Int64;
     vec = aligned16(t.indices);
   }

@@ -2,9 +2,9 @@
 //
 // All tensors of one dtype are cut into chunks of kChunk trained entries and the chunks of every
 // tensor go to one at::parallel_for, so many small tensors (biases) and a few large ones keep all
-// threads busy alike. Within a chunk the loop is gather -> update -> scatter per entry; at the
-// densities sparse fine-tuning uses, each trained entry sits on its own cache line of the
-// parameter and of the gradient, so the loop is bound by those line transfers, not by arithmetic.
+// threads busy alike. At the densities sparse fine-tuning uses, each trained entry sits on its own
+// cache line of the parameter and of the gradient, so the gathers, not the arithmetic, set the
+// pace; the tiles below keep many of them in flight.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -16,21 +16,39 @@ namespace fastpeft {
 namespace {
 
 constexpr int64_t kChunk = 4096;
+constexpr int kTile = 256;
 
+// Entries go through in tiles: gather the tile's parameter and gradient values into float
+// buffers (a tight loop of independent loads, so many cache misses are in flight at once), run
+// the update over the buffers and the contiguous moments (no gathers, so the compiler can
+// vectorise it; -fno-math-errno lets sqrt become a vector instruction), then scatter the
+// parameters back. An entry with an index outside the parameter reads element 0 and is never
+// written back; its moments are then meaningless, which only a corrupt mask can cause.
 template <typename T, typename Index>
 void update_chunk(const SparseAdamWTensor& t, int64_t begin, int64_t end, const AdamWScalars& s, float grad_scale) {
   T* param = static_cast<T*>(t.param);
   const T* grad = static_cast<const T*>(t.grad);
   const Index* idx = static_cast<const Index*>(t.indices);
   const int64_t numel = t.numel;
-  for (int64_t j = begin; j < end; ++j) {
-    const int64_t e = idx ? static_cast<int64_t>(idx[j]) : j;
-    if (e < 0 || e >= numel) continue;  // never write outside the parameter, whatever the mask holds
-    float p = static_cast<float>(param[e]);
-    float g = static_cast<float>(grad[e]);
-    if (grad_scale != 1.0f) g = g / grad_scale;  // torch's fused AdamW divides too
-    adamw_update(p, g, t.exp_avg[j], t.exp_avg_sq[j], s);
-    param[e] = static_cast<T>(p);
+  const AdamWScalars sc = s;  // a local copy: stores to the moments cannot alias it
+  float p[kTile], g[kTile];
+  int64_t e[kTile];
+  bool ok[kTile];
+  for (int64_t j0 = begin; j0 < end; j0 += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, end - j0));
+    for (int i = 0; i < n; ++i) {
+      e[i] = idx ? static_cast<int64_t>(idx[j0 + i]) : j0 + i;
+      ok[i] = e[i] >= 0 && e[i] < numel;  // never touch memory outside the parameter
+      const int64_t safe = ok[i] ? e[i] : 0;
+      p[i] = static_cast<float>(param[safe]);
+      g[i] = static_cast<float>(grad[safe]) / grad_scale;  // torch's fused AdamW divides too
+    }
+    float* __restrict m = t.exp_avg + j0;
+    float* __restrict v = t.exp_avg_sq + j0;
+    for (int i = 0; i < n; ++i) adamw_update(p[i], g[i], m[i], v[i], sc);
+    for (int i = 0; i < n; ++i) {
+      if (ok[i]) param[e[i]] = static_cast<T>(p[i]);
+    }
   }
 }
 

@@ -181,6 +181,8 @@ def test_bad_input_errors_name_the_argument():
         (dict(params=[params[0].t()]), r"params\[0\] must be contiguous"),
         (dict(params=[params[0].long()]), r"params\[0\] must be float32, float16 or bfloat16"),
         (dict(grads=[grads[0], grads[0]]), r"need one entry per parameter"),
+        (dict(indices=[torch.arange(33, dtype=torch.int32)], exp_avgs=[torch.zeros(33)], exp_avg_sqs=[torch.zeros(33)]),
+         r"indices\[0\] has 33 entries but params\[0\] has only 32 elements"),
     ]
     for change, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
