@@ -191,3 +191,38 @@ def test_bad_input_errors_name_the_argument():
         op(params, grads, masks, m, v, s, 1e-3, 1.0, 0.999, 1e-8, 0.0)
     with pytest.raises(RuntimeError, match=r"grad_scale must be a float32 tensor with one element"):
         op(params, grads, masks, m, v, s, *h, torch.ones(2), None)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_many_tensors_of_varied_sizes(device):
+    # Exercises the per-block tensor lookup: tensors smaller than, equal to and larger than one
+    # chunk of work, and tensors whose masks are empty (skipped) in between.
+    gen = torch.Generator().manual_seed(5)
+    sizes = [int(s) for s in torch.randint(1, 9000, (40,), generator=gen)] + [4096, 8192, 1, 2]
+    shapes = [((n,), i % 7 == 3) for i, n in enumerate(sizes)]
+    problem = make_problem(shapes, torch.float32, device, density=0.4)
+    problem[2][5] = problem[2][5][:0]  # an empty mask in the middle
+    problem[3][5], problem[4][5] = problem[3][5][:0], problem[4][5][:0]
+    expected = clone_all(problem)
+    run_steps(sparse_adamw_step, problem, 3)
+    run_steps(sparse_adamw_step_reference, expected, 3)
+    for got, ref in zip(problem[0], expected[0]):
+        assert_close(got, ref, scale=10)
+
+
+@pytest.mark.cuda
+def test_one_cuda_launch_per_dtype():
+    from torch.profiler import ProfilerActivity, profile
+
+    shapes = [((n,), False) for n in (100, 5000, 77, 12000, 3)] + [((64,), True)]
+    a = make_problem(shapes, torch.float32, "cuda")
+    b = make_problem(shapes[:2], torch.bfloat16, "cuda")
+    both = [x + y for x, y in zip(a, b)]
+    for s in both[5]:
+        s += 1
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sparse_adamw_step(*both, **HYPER)
+        torch.cuda.synchronize()
+    launches = [e.name for e in prof.events() if "sparse_adamw_kernel" in e.name]
+    assert len(launches) == 2, launches  # one for the 6 float32 tensors, one for the 2 bf16 ones
