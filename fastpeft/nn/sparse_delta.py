@@ -62,6 +62,13 @@ class SparseDeltaLinear(nn.Module):
             raise ValueError(f"values must have shape ({indices.numel()},) like indices, got {tuple(values.shape)}")
         self.values = nn.Parameter(values.detach().to(device=device, dtype=dtype, copy=True))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint's indices go to kernels that trust them: check them like the constructor.
+        key = prefix + "indices"
+        if key in state_dict:
+            validate_indices(state_dict[key], self.in_features * self.out_features, key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def density(self) -> float:
         return self.indices.numel() / (self.in_features * self.out_features)

@@ -130,3 +130,18 @@ def test_bad_input():
         SparseDeltaLinear(nn.Linear(3, 4), torch.tensor([1, 2]), values=torch.zeros(3))
     with pytest.raises(TypeError, match="wraps torch.nn.Linear"):
         SparseDeltaLinear(nn.Conv1d(3, 4, 1), torch.tensor([1]))
+
+
+def test_state_dict_roundtrip_and_bad_checkpoint_indices(tmp_path):
+    layer = SparseDeltaLinear(nn.Linear(6, 5), indices_for(5, 6, 7))
+    with torch.no_grad():
+        layer.values.normal_()
+    path = tmp_path / "layer.pt"
+    torch.save(layer.state_dict(), path)
+    other = SparseDeltaLinear(nn.Linear(6, 5), indices_for(5, 6, 7, seed=1))
+    other.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(other.indices, layer.indices) and torch.equal(other.values, layer.values)
+    bad = layer.state_dict()
+    bad["indices"] = bad["indices"].flip(0)
+    with pytest.raises(ValueError, match="indices must be sorted"):
+        other.load_state_dict(bad)
