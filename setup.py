@@ -100,7 +100,9 @@ def _sources(pattern):
 
 
 # -ffp-contract=off: the 4-bit dequantization must round each mul/add like bitsandbytes does.
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+# -fno-math-errno: sqrt may then compile to a vector instruction (the sparse AdamW loop); only
+# errno is affected, never a result.
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 link_flags = ["-fopenmp"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []

@@ -46,6 +46,42 @@ TORCH_LIBRARY(fastpeft, m) {
   m.def(
       "lora_grad_x_dropout_accum_(Tensor(a!) grad_x, Tensor grad_shrink, Tensor lora_A, "
       "float dropout_p, Tensor seed) -> ()");
+
+  // ---- Sparse fine-tuning (FishMask / BitFit masks, sparse deltas) -----------------------------
+  // Masks are sorted flat indices (int32/int64) per tensor; None means every entry. Kernels skip
+  // indices outside the tensor; sortedness and uniqueness are checked where masks are built.
+  //
+  // AdamW on the masked entries only: exp_avgs / exp_avg_sqs are float32 with one entry per
+  // trained entry; steps[i] is the (already incremented) step number of params[i]. grads are
+  // divided by grad_scale; with found_inf != 0 nothing changes (AMP).
+  m.def(
+      "sparse_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] indices, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor[] steps, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // out.flatten()[indices] += values, rounded once to out's dtype.
+  m.def("sparse_delta_add_(Tensor(a!) out, Tensor indices, Tensor values) -> ()");
+  // dequantize_4bit_ with values added to the listed elements before the rounding to out's dtype.
+  m.def(
+      "dequantize_4bit_add_delta_(Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? nested_offset, int blocksize, int nested_blocksize, "
+      "str quant_type, Tensor indices, Tensor values, Tensor(a!) out) -> ()");
+  // float32 [k]: sum over tokens of grad_out[..., o_j] * x[..., i_j], (o_j, i_j) = divmod(indices[j], in).
+  // Tokens go in chunks of chunk_tokens (0: as many as fit ~64 MiB of transposed copies).
+  m.def("sparse_delta_weight_grad(Tensor grad_out, Tensor x, Tensor indices, int chunk_tokens=0) -> Tensor");
+  // y = x (W + D)^T + b, D zero except D.flatten()[indices] = values; dense or 4-bit W.
+  m.def("sparse_delta_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices, Tensor values) -> Tensor");
+  m.def(
+      "sparse_delta_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor indices, "
+      "Tensor values, bool[] output_mask) -> (Tensor grad_x, Tensor grad_values, Tensor grad_bias)");
+  m.def(
+      "sparse_delta_linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? nested_offset, int out_features, int blocksize, "
+      "int nested_blocksize, str quant_type, Tensor? bias, Tensor indices, Tensor values) -> Tensor");
+  m.def(
+      "sparse_delta_linear_4bit_backward(Tensor grad_out, Tensor x, Tensor packed, Tensor absmax, "
+      "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int out_features, "
+      "int blocksize, int nested_blocksize, str quant_type, Tensor indices, Tensor values, "
+      "bool[] output_mask) -> (Tensor grad_x, Tensor grad_values, Tensor grad_bias)");
 }
 
 namespace {

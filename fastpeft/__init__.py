@@ -1,13 +1,18 @@
 """fastpeft: fused kernels for parameter-efficient fine-tuning.
 
 Operators live in ``torch.ops.fastpeft``; typed wrappers with autograd in ``fastpeft.ops``;
-drop-in layers in ``fastpeft.nn``; bitsandbytes 4-bit weights as plain tensors in ``fastpeft.quant``.
+drop-in layers in ``fastpeft.nn``; bitsandbytes 4-bit weights as plain tensors in ``fastpeft.quant``;
+sparse fine-tuning masks and SparseMaskedAdamW in ``fastpeft.optim``.
 """
 
 from fastpeft._extension import build_info
 from fastpeft import ops, quant  # noqa: E402  (ops registers fake kernels and autograd)
 from fastpeft import nn  # noqa: E402
+from fastpeft import optim  # noqa: E402
 from fastpeft.integrations import FastPeftModel, from_pretrained, get_peft_model, patch, unpatch  # noqa: E402
 
-__all__ = ["build_info", "ops", "quant", "nn", "FastPeftModel", "from_pretrained", "get_peft_model", "patch", "unpatch"]
+__all__ = [
+    "build_info", "ops", "quant", "nn", "optim",
+    "FastPeftModel", "from_pretrained", "get_peft_model", "patch", "unpatch",
+]  # fmt: skip
 __version__ = "0.1.0"

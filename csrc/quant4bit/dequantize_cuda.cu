@@ -1,5 +1,6 @@
 // CUDA dequantization of bitsandbytes 4-bit weights, bit-exact with bitsandbytes, one launch
-// including the double-quantized absmax.
+// including the double-quantized absmax; optionally followed by a launch that adds a sparse delta
+// to listed elements before their rounding (sparse fine-tuning, see csrc/sparse_delta).
 //
 // Each thread turns 8 packed bytes into 16 outputs. Blocksizes are multiples of 16, so the 16
 // outputs share one scale, computed once. Loads are 64-bit and stores 128-bit when aligned; the
@@ -20,6 +21,19 @@ constexpr int kOutPerThread = 16;
 struct CodeBook {
   float v[16];
 };
+
+// The scale of block b; shared by the dequantization and the delta kernel so both round alike.
+template <bool Nested>
+__device__ __forceinline__ float block_scale(int64_t b, const float* __restrict__ absmax_f,
+                                             const uint8_t* __restrict__ absmax_q,
+                                             const float* __restrict__ nested_absmax, const float* s_nested_code,
+                                             float offset, int64_t nested_blocksize) {
+  if (Nested) {
+    // bitsandbytes rounds the product, then the sum: no FMA here.
+    return __fadd_rn(__fmul_rn(s_nested_code[absmax_q[b]], nested_absmax[b / nested_blocksize]), offset);
+  }
+  return absmax_f[b];
+}
 
 template <typename T, bool Nested>
 __global__ void __launch_bounds__(kThreads)
@@ -44,13 +58,8 @@ dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restri
        g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e0 = g * kOutPerThread;
     const int64_t b = e0 >> blocksize_log2;
-    float scale;
-    if (Nested) {
-      // bitsandbytes rounds the product, then the sum: no FMA here.
-      scale = __fadd_rn(__fmul_rn(s_nested_code[absmax_q[b]], nested_absmax[b / nested_blocksize]), offset);
-    } else {
-      scale = absmax_f[b];
-    }
+    const float scale =
+        block_scale<Nested>(b, absmax_f, absmax_q, nested_absmax, s_nested_code, offset, nested_blocksize);
 
     uint8_t bytes[8];
     const bool full = e0 + kOutPerThread <= numel;
@@ -77,6 +86,35 @@ dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restri
     } else {
       for (int i = 0; i < kOutPerThread && e0 + i < numel; ++i) out[e0 + i] = vals[i];
     }
+  }
+}
+
+// One thread per delta entry: recompute the element's float32 value, add the delta, round once.
+// Runs after dequantize_4bit_kernel on the same stream, so it overwrites that kernel's output.
+template <typename T, bool Nested, typename Index>
+__global__ void __launch_bounds__(kThreads)
+add_delta_to_dequantized_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax_f,
+                                const uint8_t* __restrict__ absmax_q, const float* __restrict__ nested_absmax,
+                                const float* __restrict__ nested_code, const float* __restrict__ nested_offset,
+                                CodeBook book, int blocksize_log2, int64_t nested_blocksize,
+                                const Index* __restrict__ indices, const float* __restrict__ values, int64_t k,
+                                T* __restrict__ out, int64_t numel) {
+  __shared__ float s_code[16];
+  __shared__ float s_nested_code[Nested ? 256 : 1];
+  if (threadIdx.x < 16) s_code[threadIdx.x] = book.v[threadIdx.x];
+  if (Nested) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_nested_code[i] = nested_code[i];
+  }
+  __syncthreads();
+  const float offset = Nested ? *nested_offset : 0.0f;
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < k; j += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = static_cast<int64_t>(indices[j]);
+    if (e < 0 || e >= numel) continue;
+    const float scale = block_scale<Nested>(e >> blocksize_log2, absmax_f, absmax_q, nested_absmax, s_nested_code,
+                                            offset, nested_blocksize);
+    const uint8_t byte = packed[e >> 1];
+    const float q = s_code[(e & 1) ? (byte & 0xF) : (byte >> 4)];
+    out[e] = static_cast<T>(__fadd_rn(__fmul_rn(q, scale), values[j]));
   }
 }
 
@@ -116,6 +154,40 @@ void dequantize_4bit_cuda_kernel(const Quant4bitWeight& w, at::Tensor& out) {
           log2_exact(w.blocksize), w.nested_blocksize, out_ptr, numel, vector_io);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void dequantize_4bit_add_delta_cuda_kernel(const Quant4bitWeight& w, const Quant4bitDelta& delta, at::Tensor& out) {
+  dequantize_4bit_cuda_kernel(w, out);
+  const int64_t k = delta.indices.numel();
+  if (k == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = std::min<int64_t>((k + kThreads - 1) / kThreads, int64_t(sms) * 32);
+  CodeBook book;
+  const float* code = quant4bit_code(w.type);
+  for (int i = 0; i < 16; ++i) book.v[i] = code[i];
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const float* values = delta.values.data_ptr<float>();
+  const uint8_t* packed = w.packed.data_ptr<uint8_t>();
+  const int bs_log2 = log2_exact(w.blocksize);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dequantize_4bit_add_delta_cuda", [&] {
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    AT_DISPATCH_INDEX_TYPES(delta.indices.scalar_type(), "dequantize_4bit_add_delta_cuda_index", [&] {
+      const index_t* idx = delta.indices.data_ptr<index_t>();
+      if (w.nested()) {
+        add_delta_to_dequantized_kernel<scalar_t, true, index_t><<<blocks, kThreads, 0, stream>>>(
+            packed, nullptr, w.absmax.data_ptr<uint8_t>(), w.nested_absmax.data_ptr<float>(),
+            w.nested_code.data_ptr<float>(), w.nested_offset.data_ptr<float>(), book, bs_log2, w.nested_blocksize,
+            idx, values, k, out_ptr, out.numel());
+      } else {
+        add_delta_to_dequantized_kernel<scalar_t, false, index_t><<<blocks, kThreads, 0, stream>>>(
+            packed, w.absmax.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, book, bs_log2,
+            w.nested_blocksize, idx, values, k, out_ptr, out.numel());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

@@ -48,4 +48,17 @@ void dequantize_4bit_cpu_kernel(const Quant4bitWeight& w, at::Tensor& out);
 void dequantize_4bit_cuda_kernel(const Quant4bitWeight& w, at::Tensor& out);
 #endif
 
+// A sparse delta added while dequantizing (sparse fine-tuning on a 4-bit base): element
+// indices[j] becomes round(code * scale + values[j]), one rounding to out's dtype, like the plain
+// dequantization. indices: sorted, unique, contiguous int32/int64; values: contiguous float32.
+// Indices outside the weight are skipped.
+struct Quant4bitDelta {
+  at::Tensor indices;
+  at::Tensor values;
+};
+void dequantize_4bit_add_delta_cpu_kernel(const Quant4bitWeight& w, const Quant4bitDelta& delta, at::Tensor& out);
+#ifdef FASTPEFT_WITH_CUDA
+void dequantize_4bit_add_delta_cuda_kernel(const Quant4bitWeight& w, const Quant4bitDelta& delta, at::Tensor& out);
+#endif
+
 }  // namespace fastpeft

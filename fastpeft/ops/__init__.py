@@ -3,6 +3,8 @@
 from fastpeft.ops.dropout import dropout_reference, new_seed
 from fastpeft.ops.lora import lora_linear, lora_linear_multi, lora_linear_reference
 from fastpeft.ops.quant4bit import dequantize_4bit, dequantize_4bit_reference
+from fastpeft.ops.sparse_delta import sparse_delta_linear, sparse_delta_linear_reference
+from fastpeft.ops.sparse_optim import sparse_adamw_step, sparse_adamw_step_reference
 
 __all__ = [
     "dequantize_4bit",
@@ -12,4 +14,8 @@ __all__ = [
     "lora_linear_multi",
     "lora_linear_reference",
     "new_seed",
+    "sparse_adamw_step",
+    "sparse_adamw_step_reference",
+    "sparse_delta_linear",
+    "sparse_delta_linear_reference",
 ]

@@ -1,0 +1,186 @@
+"""Step time and optimizer memory of sparse-masked AdamW at FishMask densities.
+
+Providers, on the same weights and the same k trained entries per weight:
+  fastpeft              SparseMaskedAdamW: gathers the dense .grad at the indices, updates in place
+  torch_fused_k         torch.optim.AdamW(fused=True) on contiguous tensors of the k entries only
+                        (the floor: the same arithmetic with no gather/scatter)
+  torch_foreach_k       the same with foreach=True
+  dense_masked          the reference practice: grad.mul_(dense 0/1 mask) then torch AdamW
+                        (fused) over every weight entry
+
+Default shapes are a CPU-sized model (2 layers, hidden 1024, intermediate 2816: the 7B layer
+structure at 1/4 width); --full uses Llama-2-7B's 32 layers (hidden 4096, intermediate 11008,
+6.5 B weights; needs a GPU with ~80 GB for the dense-masked baseline in bf16).
+
+On CPU the process CPU time of a step is recorded next to the wall time (shared machines).
+Memory is the optimizer's own state, counted exactly from its tensors (the dense masks count
+for dense_masked, the indices for fastpeft); on CUDA also the peak extra memory of one step.
+
+  python benchmarks/bench_sparse_optim.py [--device cuda] [--full] [--densities 0.001 0.005 0.02]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import device_peaks, environment, peak_memory_bytes, print_table, time_fn, write_results  # noqa: E402
+from fastpeft.optim import SparseMaskedAdamW  # noqa: E402
+from fastpeft.optim.random_mask import sample_without_replacement  # noqa: E402
+
+
+def layer_shapes(hidden: int, intermediate: int, layers: int):
+    per_layer = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
+    return per_layer * layers
+
+
+def make_weights(shapes, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device).normal_(std=0.02))
+        p.grad = torch.randn(shape, generator=gen).to(dtype=dtype, device=device)
+        params.append(p)
+    return params
+
+
+def state_tensor_bytes(opt) -> int:
+    total = 0
+    for state in opt.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def torch_adamw(params, impl: str, device: str):
+    kw = dict(lr=1e-4, weight_decay=0.0)
+    if impl == "fused":
+        kw["fused"] = True
+    else:
+        kw["foreach"] = True
+    return torch.optim.AdamW(params, **kw)
+
+
+def providers(shapes, masks, dtype, device):
+    """name -> (step function, optimizer state bytes) for one density."""
+    out = {}
+
+    params = make_weights(shapes, dtype, device)
+    opt = SparseMaskedAdamW(params, masks=masks, lr=1e-4, weight_decay=0.0)
+    out["fastpeft"] = (opt.step, opt.state_bytes(), opt)
+
+    for impl in ("fused", "foreach"):
+        k_params = make_weights([(m.numel(),) for m in masks], dtype, device, seed=1)
+        try:
+            opt_k = torch_adamw(k_params, impl, device)
+            opt_k.step()  # fused may be unsupported on this device/dtype
+        except (RuntimeError, ValueError) as exc:
+            print(f"torch_{impl}_k unavailable: {exc}")
+            continue
+        out[f"torch_{impl}_k"] = (opt_k.step, state_tensor_bytes(opt_k), opt_k)
+
+    dense_params = make_weights(shapes, dtype, device, seed=2)
+    dense_masks = []
+    for p, m in zip(dense_params, masks):
+        dm = torch.zeros(p.numel(), dtype=dtype, device=device)
+        dm[m.long()] = 1
+        dense_masks.append(dm.view_as(p))
+    impl = "fused"
+    try:
+        opt_dense = torch_adamw(dense_params, impl, device)
+        opt_dense.step()
+    except (RuntimeError, ValueError):
+        opt_dense = torch_adamw(dense_params, "foreach", device)
+        opt_dense.step()
+    grads = [p.grad for p in dense_params]
+
+    def dense_step():
+        torch._foreach_mul_(grads, dense_masks)
+        opt_dense.step()
+
+    mask_bytes = sum(m.numel() * m.element_size() for m in dense_masks)
+    out["dense_masked"] = (dense_step, state_tensor_bytes(opt_dense) + mask_bytes, opt_dense)
+    return out
+
+
+def cpu_time_ms(fn, reps: int) -> float:
+    """Median process CPU time of fn in ms: on a shared CPU machine wall time also counts the
+    time other processes hold the cores; CPU time (all threads of this process) does not."""
+    times = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        times.append((time.process_time() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bytes_per_entry(dtype, index_bytes=4) -> int:
+    """Bytes one trained entry moves at least: index, read+write of both moments, read+write of
+    the parameter, read of the gradient (gathers counted at element size, not sector size)."""
+    e = torch.tensor([], dtype=dtype).element_size()
+    return index_bytes + 16 + 3 * e
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--full", action="store_true", help="Llama-2-7B shapes (32 layers, 4096/11008)")
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.001, 0.005, 0.02])
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    shapes = layer_shapes(4096, 11008, 32) if args.full else layer_shapes(1024, 2816, 2)
+    numel = sum(a * b for a, b in shapes)
+    print(f"{len(shapes)} weights, {numel / 1e6:.1f} M entries, {dtype}, {environment(device)['device']}")
+
+    peaks = device_peaks(device)
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for density in args.densities:
+        masks = [sample_without_replacement(a * b, max(1, round(density * a * b)), gen).to(torch.int32).to(device)
+                 for a, b in shapes]  # fmt: skip
+        k = sum(m.numel() for m in masks)
+        provs = providers(shapes, masks, dtype, device)
+        timings = {}
+        for name, (step, state_bytes, _opt) in provs.items():
+            t = time_fn(step, device, warmup=3, reps=args.reps)
+            if not device.startswith("cuda"):
+                t["cpu_time_median_ms"] = cpu_time_ms(step, args.reps)
+            row = {"density": density, "provider": name, "trained": k, "weights": numel, "dtype": str(dtype),
+                   **t, "state_bytes": state_bytes, "peak_step_bytes": peak_memory_bytes(step, device)}  # fmt: skip
+            if name == "fastpeft":
+                gbps = k * bytes_per_entry(dtype) / (t["median_ms"] * 1e-3) / 1e9
+                row["effective_gbps"] = gbps
+                if peaks:
+                    row["hbm_fraction"] = gbps / peaks["hbm_gbps"]
+            timings[name] = row
+            rows.append(row)
+        fp = timings["fastpeft"]
+        for name, row in timings.items():
+            row["time_vs_fastpeft"] = row["median_ms"] / fp["median_ms"]
+            row["memory_vs_fastpeft"] = row["state_bytes"] / fp["state_bytes"]
+        del provs
+    print_table(rows, ["density", "provider", "median_ms", "p20_ms", "p80_ms", "cpu_time_median_ms", "state_bytes",
+                       "time_vs_fastpeft", "memory_vs_fastpeft", "effective_gbps"])  # fmt: skip
+    if not args.no_write:
+        path = write_results("bench_sparse_optim" + ("_full" if args.full else ""), device, rows,
+                             extra={"shapes": "llama2-7b" if args.full else "1024/2816 x 2 layers"})  # fmt: skip
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

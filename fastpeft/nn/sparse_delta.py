@@ -1,0 +1,145 @@
+"""SparseDeltaLinear: a frozen dense or 4-bit linear layer plus a trainable sparse delta."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from fastpeft.nn.lora import _is_bnb_linear4bit
+from fastpeft.ops.sparse_delta import dense_delta_reference, merged_weight, sparse_delta_linear
+from fastpeft.optim.masks import Mask, index_dtype, validate_indices
+from fastpeft.quant import Quant4bitWeight
+
+
+class SparseDeltaLinear(nn.Module):
+    """``forward(x) = x (W + D)^T + b``: a frozen ``torch.nn.Linear`` or
+    ``bitsandbytes.nn.Linear4bit`` base ``W`` plus a sparse delta ``D`` that is trained.
+
+    ``D`` is zero except at ``indices`` (buffer; sorted unique flat indices into [out, in],
+    int32 or int64) where it holds ``values`` (parameter, float32 by default, zeros at start).
+    Forward adds the delta while the base weight is written into the shared workspace (dense
+    copy, or 4-bit dequantization with the delta added before rounding), so no dense delta exists;
+    backward computes the gradient of ``values`` at the indices only (a sampled product of the
+    output gradient and x over the tokens), not a dense out x in weight gradient. Saved for
+    backward: x, the indices and the values.
+
+    Compute dtype as LoRALinear: the base weight's dtype (autocast dtype under torch.autocast)
+    for a dense base; ``base_layer.compute_dtype`` (else x's dtype) for a 4-bit base, whose
+    output is returned in x's dtype. ``merge()`` returns a plain ``nn.Linear`` holding W + D.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        indices: torch.Tensor,
+        values: Optional[torch.Tensor] = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(
+                f"SparseDeltaLinear wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got {type(base_layer).__name__}"
+            )
+        self.is_4bit = _is_bnb_linear4bit(base_layer)
+        if not self.is_4bit and type(base_layer) is not nn.Linear:
+            raise TypeError(
+                f"SparseDeltaLinear supports torch.nn.Linear and bitsandbytes.nn.Linear4bit, not {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        device = base_layer.weight.device
+        numel = self.in_features * self.out_features
+        indices = validate_indices(indices, numel, "indices").to(device)
+        self.register_buffer("indices", indices)
+        if values is None:
+            values = torch.zeros(indices.numel(), dtype=dtype, device=device)
+        elif values.shape != (indices.numel(),):
+            raise ValueError(f"values must have shape ({indices.numel()},) like indices, got {tuple(values.shape)}")
+        self.values = nn.Parameter(values.detach().to(device=device, dtype=dtype, copy=True))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint's indices go to kernels that trust them: check them like the constructor.
+        key = prefix + "indices"
+        if key in state_dict:
+            validate_indices(state_dict[key], self.in_features * self.out_features, key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def density(self) -> float:
+        return self.indices.numel() / (self.in_features * self.out_features)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if self.is_4bit:
+            return getattr(self.base_layer, "compute_dtype", None) or x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.base_layer.weight.dtype
+
+    def frozen_weight(self, dtype: torch.dtype):
+        """The base weight as the op takes it: a dense tensor of ``dtype`` or a Quant4bitWeight."""
+        if self.is_4bit:
+            return Quant4bitWeight.from_bnb(self.base_layer.weight)
+        w = self.base_layer.weight
+        return w if w.dtype == dtype else w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._compute_dtype(x)
+        bias = self.base_layer.bias
+        out = sparse_delta_linear(
+            x.to(dtype), self.frozen_weight(dtype), None if bias is None else bias.to(dtype), self.indices, self.values
+        )
+        return out.to(x.dtype) if self.is_4bit else out
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense float32 delta D (for inspection; the forward never builds it)."""
+        return dense_delta_reference(self.indices, self.values.detach(), (self.out_features, self.in_features))
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """W + D as a new dense tensor (default dtype: the base weight's, or the dtype a 4-bit
+        weight was quantized from), rounded once after the float32 sum."""
+        base = Quant4bitWeight.from_bnb(self.base_layer.weight) if self.is_4bit else self.base_layer.weight
+        return merged_weight(base, self.indices, self.values, dtype)
+
+    @torch.no_grad()
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with weight W + D and the base bias: the layer to deploy."""
+        w = self.merged_weight(dtype)
+        bias = self.base_layer.bias
+        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+        out.weight.copy_(w)
+        if bias is not None:
+            out.bias.copy_(bias.to(w.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        kind = "nf4/fp4" if self.is_4bit else "dense"
+        return f"in={self.in_features}, out={self.out_features}, trained={self.indices.numel()}, base={kind}"
+
+
+def apply_sparse_deltas(model: nn.Module, mask: Mask, dtype: torch.dtype = torch.float32) -> Dict[str, SparseDeltaLinear]:
+    """Wrap every Linear / Linear4bit whose ``<name>.weight`` has indices in ``mask`` in a
+    SparseDeltaLinear with those indices, in place. Returns the new layers by module name.
+
+    With a mask computed on the dense model (e.g. fisher_mask) this trains the same entries on a
+    4-bit copy of it. Entries of the mask that are not Linear weights are left to the caller.
+    """
+    replaced = {}
+    for name, module in list(model.named_modules()):
+        key = f"{name}.weight" if name else "weight"
+        if not isinstance(module, nn.Linear) or mask.get(key) is None:
+            continue
+        idx = mask[key]
+        layer = SparseDeltaLinear(module, idx.to(index_dtype(module.in_features * module.out_features)), dtype=dtype)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not child:
+            raise ValueError("apply_sparse_deltas cannot replace the model itself; wrap the layer directly")
+        setattr(parent, child, layer)
+        replaced[name] = layer
+    return replaced
