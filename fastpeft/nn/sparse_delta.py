@@ -7,7 +7,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from fastpeft.nn.lora import _is_bnb_linear4bit
+from fastpeft.nn.lora import is_bnb_linear4bit
 from fastpeft.ops.sparse_delta import dense_delta_reference, merged_weight, sparse_delta_linear
 from fastpeft.optim.masks import Mask, index_dtype, validate_indices
 from fastpeft.quant import Quant4bitWeight
@@ -42,7 +42,7 @@ class SparseDeltaLinear(nn.Module):
             raise TypeError(
                 f"SparseDeltaLinear wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got {type(base_layer).__name__}"
             )
-        self.is_4bit = _is_bnb_linear4bit(base_layer)
+        self.is_4bit = is_bnb_linear4bit(base_layer)
         if not self.is_4bit and type(base_layer) is not nn.Linear:
             raise TypeError(
                 f"SparseDeltaLinear supports torch.nn.Linear and bitsandbytes.nn.Linear4bit, not {type(base_layer).__name__}"
