@@ -2,6 +2,7 @@
 
 from fastpeft.ops.dropout import dropout_reference, new_seed
 from fastpeft.ops.lora import lora_linear, lora_linear_multi, lora_linear_reference
+from fastpeft.ops.prefix_attention import prefix_attention, prefix_attention_reference
 from fastpeft.ops.quant4bit import dequantize_4bit, dequantize_4bit_reference
 
 __all__ = [
@@ -12,4 +13,6 @@ __all__ = [
     "lora_linear_multi",
     "lora_linear_reference",
     "new_seed",
+    "prefix_attention",
+    "prefix_attention_reference",
 ]
