@@ -68,7 +68,10 @@ def eager_reference(q, k, v, prefix_k, prefix_v, prefix_index=None, attention_ma
 def check_against_reference(inputs, causal=True):
     dtype = inputs[0].dtype
     grad_out = torch.randn_like(inputs[0])
+    before = [t.detach().clone() if t is not None else None for t in inputs]
     out, grads = forward_backward(prefix_attention, inputs, grad_out, causal)
+    for t, saved in zip(inputs, before):  # inputs are read, never written
+        assert t is None or torch.equal(t, saved)
     assert out.shape == inputs[0].shape and out.dtype == dtype
     if dtype == torch.float32:
         out_ref, grads_ref = forward_backward(prefix_attention_reference, inputs, grad_out, causal)
