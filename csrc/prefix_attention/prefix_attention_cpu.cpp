@@ -19,7 +19,7 @@ namespace fastpeft {
 namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-constexpr int64_t kBlockRows = 256;  // query rows per task, over the heads of one kv group
+constexpr int64_t kBlockRows = 1024;  // query rows per task, over the heads of one kv group
 
 // OpenMP workers do not inherit the caller's dispatch state, so ATen calls inside at::parallel_for
 // would go through autograd again; tasks run below it, like the kernel that launched them.
