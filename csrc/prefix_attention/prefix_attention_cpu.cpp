@@ -1,5 +1,5 @@
 // CPU kernels of the prefix part. Work is cut into blocks of at most kBlockRows query rows of one
-// (example, head); a block's P prefix scores are a [rows, P] fp32 tile, multiplied with the bank
+// (example, kv-head group); a block's P prefix scores are a [rows, P] fp32 tile, multiplied with the bank
 // through ATen's GEMM and transformed with ATen's vectorised elementwise kernels (both dispatch to
 // the host's SIMD at run time). Nothing of size B x P or B x Sq x P exists; the temporaries are
 // kBlockRows x max(P, D) per task, and the bank is converted to fp32 once per call.
