@@ -82,6 +82,20 @@ TORCH_LIBRARY(fastpeft, m) {
       "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int out_features, "
       "int blocksize, int nested_blocksize, str quant_type, Tensor indices, Tensor values, "
       "bool[] output_mask) -> (Tensor grad_x, Tensor grad_values, Tensor grad_bias)");
+  // ---- Prefix-KV attention (prefix tuning, P-tuning v2) ------------------------------------------
+  // out = softmax([q prefix_k[i]^T | mask(q k^T)] * scale) [prefix_v[i]; v] for example b with
+  // i = prefix_index[b] (0 when None): q [B, H, Sq, D]; k, v [B, Hkv, Skv, D]; prefix_k/v, a bank of
+  // N sets [N, Hkv, P, D]. attention_mask (bool = attend, or additive) and causality (aligned to
+  // the last key) apply to the sequence keys only. Also returns the fp32 log-sum-exp [B, H, Sq].
+  m.def(
+      "prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? prefix_index, "
+      "Tensor? attention_mask, bool causal, float? scale) -> (Tensor out, Tensor lse)");
+  // output_mask: [q, k, v, prefix_k, prefix_v]; the bank gradients are summed per set.
+  m.def(
+      "prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+      "Tensor? prefix_index, Tensor? attention_mask, Tensor out, Tensor lse, bool causal, float? scale, "
+      "bool[] output_mask) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_prefix_k, "
+      "Tensor grad_prefix_v)");
 }
 
 namespace {

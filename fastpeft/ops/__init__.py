@@ -2,6 +2,7 @@
 
 from fastpeft.ops.dropout import dropout_reference, new_seed
 from fastpeft.ops.lora import lora_linear, lora_linear_multi, lora_linear_reference
+from fastpeft.ops.prefix_attention import prefix_attention, prefix_attention_reference
 from fastpeft.ops.quant4bit import dequantize_4bit, dequantize_4bit_reference
 from fastpeft.ops.sparse_delta import sparse_delta_linear, sparse_delta_linear_reference
 from fastpeft.ops.sparse_optim import sparse_adamw_step, sparse_adamw_step_reference
@@ -18,4 +19,6 @@ __all__ = [
     "sparse_adamw_step_reference",
     "sparse_delta_linear",
     "sparse_delta_linear_reference",
+    "prefix_attention",
+    "prefix_attention_reference",
 ]

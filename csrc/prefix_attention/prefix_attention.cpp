@@ -1,0 +1,230 @@
+// Prefix-KV attention op bodies: validate, run the sequence part through PyTorch's fused
+// attention, fold the prefix in with this folder's kernel (CPU or CUDA).
+//
+// Memory rules: never [prefix; keys], never a batch-repeated prefix. Forward allocates the output
+// (or merges in place into the sequence kernel's output) and an fp32 [B, H, Sq] log-sum-exp.
+// Backward needs q, k, v, the prefix bank, the index, the mask, out and lse: what a flash
+// attention backward needs, plus the (small) bank.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "common/checks.h"
+#include "prefix_attention/prefix_attention.h"
+
+namespace fastpeft {
+namespace {
+
+constexpr const char* kOp = "fastpeft.prefix_attention";
+
+using MergeKernel = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, double, at::Tensor&, at::Tensor&);
+using BackwardKernel = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&, double, at::Tensor&,
+                                at::Tensor&, at::Tensor&);
+
+void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.defined(), kOp, ": ", name, " is required");
+  check_dim(t, 4, kOp, name);
+  check_dtype(t, q.scalar_type(), kOp, name, " (the dtype of q)");
+  check_same_device(t, q, kOp, name, "q");
+}
+
+PrefixShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+                         const at::Tensor& prefix_v, const c10::optional<at::Tensor>& prefix_index,
+                         const c10::optional<at::Tensor>& attention_mask, const c10::optional<double>& scale) {
+  check_float(q, kOp, "q");
+  check_dim(q, 4, kOp, "q");
+  check_like_q(k, q, "k");
+  check_like_q(v, q, "v");
+  check_like_q(prefix_k, q, "prefix_k");
+  check_like_q(prefix_v, q, "prefix_v");
+  PrefixShape s;
+  s.B = q.size(0), s.H = q.size(1), s.Sq = q.size(2), s.D = q.size(3);
+  s.Hkv = k.size(1), s.Skv = k.size(2);
+  s.N = prefix_k.size(0), s.P = prefix_k.size(2);
+  TORCH_CHECK(s.D >= 1, kOp, ": q must have a head size D >= 1, got shape ", q.sizes());
+  TORCH_CHECK(k.size(0) == s.B && k.size(3) == s.D, kOp, ": k must be [B=", s.B, ", Hkv, Skv, D=", s.D,
+              "] to match q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(s.Hkv >= 1 && s.H % s.Hkv == 0, kOp, ": the ", s.H, " query heads of q must be a multiple of the ",
+              s.Hkv, " key/value heads of k (grouped-query attention); got q ", q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), kOp, ": v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(prefix_k.size(1) == s.Hkv && prefix_k.size(3) == s.D, kOp, ": prefix_k must be [N, Hkv=", s.Hkv,
+              ", P, D=", s.D, "] (one prefix set per row of the bank, heads and head size of k), got ",
+              prefix_k.sizes());
+  TORCH_CHECK(prefix_v.sizes() == prefix_k.sizes(), kOp, ": prefix_v must have the shape of prefix_k ",
+              prefix_k.sizes(), ", got ", prefix_v.sizes());
+  TORCH_CHECK(s.N >= 1 || s.B == 0, kOp, ": prefix_k holds no prefix set (N = 0) but the batch has ", s.B,
+              " examples");
+  if (scale.has_value()) {
+    TORCH_CHECK(std::isfinite(*scale), kOp, ": scale must be finite, got ", *scale);
+  }
+
+  if (prefix_index.has_value() && prefix_index->defined()) {
+    const auto& idx = *prefix_index;
+    TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, kOp,
+                ": prefix_index must be an int64 (or int32) tensor, got ", idx.scalar_type());
+    TORCH_CHECK(idx.dim() == 1 && idx.size(0) == s.B, kOp, ": prefix_index must be [B=", s.B,
+                "] (one prefix set per example), got shape ", idx.sizes());
+    TORCH_CHECK(idx.is_cpu() || idx.device() == q.device(), kOp, ": prefix_index is on ", idx.device(),
+                " but q is on ", q.device(), "; pass it on the CPU or on q's device");
+    if (s.B > 0) {
+      // One host sync on GPU tensors: an index past the bank would read out of bounds.
+      const auto [lo, hi] = at::aminmax(idx);
+      const int64_t min = lo.item<int64_t>(), max = hi.item<int64_t>();
+      TORCH_CHECK(min >= 0 && max < s.N, kOp, ": prefix_index must be in [0, N=", s.N,
+                  ") (the sets of the prefix bank), got values in [", min, ", ", max, "]");
+    }
+  }
+
+  if (attention_mask.has_value() && attention_mask->defined()) {
+    const auto& m = *attention_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool || is_float_dtype(m.scalar_type()), kOp,
+                ": attention_mask must be bool (True = attend) or an additive float mask, got ", m.scalar_type());
+    check_same_device(m, q, kOp, "attention_mask", "q");
+    const bool padding = m.dim() == 2 && m.size(0) == s.B && m.size(1) == s.Skv;
+    const bool full = m.dim() == 4 && (m.size(0) == 1 || m.size(0) == s.B) && (m.size(1) == 1 || m.size(1) == s.H) &&
+                      (m.size(2) == 1 || m.size(2) == s.Sq) && m.size(3) == s.Skv;
+    TORCH_CHECK(padding || full, kOp, ": attention_mask must be [B=", s.B, ", Skv=", s.Skv,
+                "] (key padding) or broadcastable [B|1, H|1, Sq|1, Skv] = [", s.B, "|1, ", s.H, "|1, ", s.Sq,
+                "|1, ", s.Skv, "], got ", m.sizes());
+  }
+  return s;
+}
+
+double scale_or_default(const c10::optional<double>& scale, int64_t D) {
+  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
+}
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+at::Tensor index_on(const c10::optional<at::Tensor>& prefix_index, const at::Device& device) {
+  if (!prefix_index.has_value() || !prefix_index->defined()) return at::Tensor();
+  return prefix_index->to(device, at::kLong).contiguous();
+}
+
+// The output layout: [B, H, Sq, D] stored as [B, Sq, H, D], what flash kernels produce and what
+// HF's attention functions return after transpose(1, 2) without a copy.
+at::Tensor empty_output(const PrefixShape& s, const at::Tensor& q) {
+  return at::empty({s.B, s.Sq, s.H, s.D}, q.options()).transpose(1, 2);
+}
+
+bool has_output_layout(const at::Tensor& t, const PrefixShape& s) {
+  auto same = [](int64_t size, int64_t stride, int64_t expected) { return size <= 1 || stride == expected; };
+  return same(s.D, t.stride(3), 1) && same(s.H, t.stride(1), s.D) && same(s.Sq, t.stride(2), s.H * s.D) &&
+         same(s.B, t.stride(0), s.Sq * s.H * s.D);
+}
+
+// Gradients come back in the layout of their input (what empty_like gives), copied if needed.
+at::Tensor in_layout_of(const at::Tensor& grad, const at::Tensor& input) {
+  auto like = at::empty_like(input);
+  if (grad.sizes() == like.sizes() && grad.strides() == like.strides()) return grad;
+  return like.copy_(grad);
+}
+
+template <MergeKernel Merge>
+std::tuple<at::Tensor, at::Tensor> prefix_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                                    const c10::optional<at::Tensor>& prefix_index,
+                                                    const c10::optional<at::Tensor>& attention_mask, bool causal,
+                                                    c10::optional<double> scale_opt) {
+  const auto s = check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale_opt);
+  const double scale = scale_or_default(scale_opt, s.D);
+  auto lse = at::empty({s.B, s.H, s.Sq}, q.options().dtype(at::kFloat));
+  if (s.B * s.H * s.Sq == 0) return {empty_output(s, q), lse};
+
+  const auto qc = last_dim_contiguous(q);
+  at::Tensor seq_out, seq_lse, out;
+  if (s.Skv > 0) {
+    const auto mask = prepare_sequence_mask(attention_mask, causal, s, q);
+    auto seq = sequence_attention_forward(qc, last_dim_contiguous(k), last_dim_contiguous(v), mask, scale);
+    seq_out = seq.out;
+    seq_lse = seq.lse;
+    out = has_output_layout(seq_out, s) ? seq_out : empty_output(s, q);  // merge in place when we can
+  } else {
+    out = empty_output(s, q);
+    seq_out = out;  // never read: every row's sequence lse is -inf
+    seq_lse = at::full({s.B, s.H, s.Sq}, -std::numeric_limits<float>::infinity(), lse.options());
+  }
+  Merge(qc, seq_out, seq_lse, prefix_k.contiguous(), prefix_v.contiguous(), index_on(prefix_index, q.device()), scale,
+        out, lse);
+  return {out, lse};
+}
+
+// output_mask: [q, k, v, prefix_k, prefix_v]; gradients not asked for come back as empty tensors.
+template <BackwardKernel Backward>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& prefix_k, const at::Tensor& prefix_v, const c10::optional<at::Tensor>& prefix_index,
+    const c10::optional<at::Tensor>& attention_mask, const at::Tensor& out, const at::Tensor& lse, bool causal,
+    c10::optional<double> scale_opt, const c10::List<bool>& output_mask) {
+  const auto s = check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, scale_opt);
+  constexpr const char* op = "fastpeft.prefix_attention_backward";
+  TORCH_CHECK(output_mask.size() == 5, op, ": output_mask must have 5 entries (q, k, v, prefix_k, prefix_v), got ",
+              output_mask.size());
+  auto check_like_out = [&](const at::Tensor& t, const char* name) {
+    check_like_q(t, q, name);
+    TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have the shape of q ", q.sizes(), ", got ", t.sizes());
+  };
+  check_like_out(grad_out, "grad_out");
+  check_like_out(out, "out");
+  check_dtype(lse, at::kFloat, op, "lse");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == s.B && lse.size(1) == s.H && lse.size(2) == s.Sq, op,
+              ": lse must be [B, H, Sq] = [", s.B, ", ", s.H, ", ", s.Sq, "], got ", lse.sizes());
+  const bool need_q = output_mask[0], need_k = output_mask[1], need_v = output_mask[2];
+  const bool need_bank = output_mask[3] || output_mask[4];
+  const double scale = scale_or_default(scale_opt, s.D);
+
+  at::Tensor grad_q, grad_k, grad_v, grad_pk, grad_pv;
+  const bool empty = s.B * s.H * s.Sq == 0;
+  if ((need_q || need_k || need_v) && !empty) {
+    if (s.Skv > 0) {
+      const auto mask = prepare_sequence_mask(attention_mask, causal, s, q);
+      std::tie(grad_q, grad_k, grad_v) =
+          sequence_attention_backward(last_dim_contiguous(grad_out), last_dim_contiguous(q), last_dim_contiguous(k),
+                                      last_dim_contiguous(v), mask, last_dim_contiguous(out), lse.contiguous(), scale);
+      grad_q = last_dim_contiguous(grad_q);
+    } else {
+      grad_q = at::zeros_like(q);
+      grad_k = at::zeros_like(k);
+      grad_v = at::zeros_like(v);
+    }
+  }
+  if (need_bank) {
+    grad_pk = at::zeros(prefix_k.sizes(), prefix_k.options().dtype(at::kFloat));
+    grad_pv = at::zeros(prefix_v.sizes(), prefix_v.options().dtype(at::kFloat));
+  }
+  if ((need_q || need_bank) && !empty && s.P > 0) {
+    at::Tensor grad_q_prefix = need_q ? grad_q : at::Tensor();
+    Backward(last_dim_contiguous(grad_out), last_dim_contiguous(q), last_dim_contiguous(out), lse.contiguous(),
+             prefix_k.contiguous(), prefix_v.contiguous(), index_on(prefix_index, q.device()), scale, grad_q_prefix,
+             grad_pk, grad_pv);
+  }
+
+  auto none = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  auto result = [&](bool needed, const at::Tensor& grad, const at::Tensor& input) {
+    if (!needed) return none(input);
+    if (empty) return at::zeros_like(input);
+    return in_layout_of(grad.scalar_type() == input.scalar_type() ? grad : grad.to(input.scalar_type()), input);
+  };
+  return {result(need_q, grad_q, q), result(need_k, grad_k, k), result(need_v, grad_v, v),
+          result(output_mask[3], grad_pk, prefix_k), result(output_mask[4], grad_pv, prefix_v)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("prefix_attention", &prefix_attention<prefix_merge_forward_cpu>);
+  m.impl("prefix_attention_backward", &prefix_attention_backward<prefix_backward_cpu>);
+}
+
+#ifdef FASTPEFT_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
+  m.impl("prefix_attention", &prefix_attention<prefix_merge_forward_cuda>);
+  m.impl("prefix_attention_backward", &prefix_attention_backward<prefix_backward_cuda>);
+}
+#endif
+
+}  // namespace fastpeft
