@@ -2,6 +2,7 @@
 
 from fastpeft.ops.dropout import dropout_reference, new_seed
 from fastpeft.ops.lora import lora_linear, lora_linear_multi, lora_linear_reference
+from fastpeft.ops.multi_lora import MultiLoRAPlan, multi_lora_linear, multi_lora_linear_reference, plan_multi_lora
 from fastpeft.ops.quant4bit import dequantize_4bit, dequantize_4bit_reference
 
 __all__ = [
@@ -11,5 +12,9 @@ __all__ = [
     "lora_linear",
     "lora_linear_multi",
     "lora_linear_reference",
+    "MultiLoRAPlan",
+    "multi_lora_linear",
+    "multi_lora_linear_reference",
     "new_seed",
+    "plan_multi_lora",
 ]
