@@ -152,6 +152,12 @@ def _adapter_grads(need_A, need_B, grad_A, grad_B):
     )
 
 
+def _per_adapter_list_grad(n):
+    # The "gradient" of a float[] argument (scalings, dropout_p) is None, except for an empty list,
+    # whose structure autograd matches as an empty list.
+    return [] if n == 0 else None
+
+
 def _setup_dense(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scalings, dropout_p, seed, sorted_rows, offsets = inputs
     _save(ctx, x, output[1], lora_A, lora_B, scalings, dropout_p, seed, sorted_rows, offsets, [weight])
@@ -168,18 +174,9 @@ def _backward_dense(ctx, grad_out, _grad_shrink):
         sorted_rows, offsets, [need_x, need_w, need_b], [a or b for a, b in zip(need_A, need_B)],
     )  # fmt: skip
     grad_A, grad_B = _adapter_grads(need_A, need_B, gA, gB)
-    return (
-        gx if need_x else None,
-        gW if need_w else None,
-        gb if need_b else None,
-        grad_A,
-        grad_B,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    per_adapter = _per_adapter_list_grad(n)
+    return (gx if need_x else None, gW if need_w else None, gb if need_b else None, grad_A, grad_B, per_adapter,
+            per_adapter, None, None, None)  # fmt: skip
 
 
 torch.library.register_autograd("fastpeft::multi_lora_linear", _backward_dense, setup_context=_setup_dense)
@@ -209,8 +206,9 @@ def _backward_4bit(ctx, grad_out, _grad_shrink):
         [a or b for a, b in zip(need_A, need_B)],
     )  # fmt: skip
     grad_A, grad_B = _adapter_grads(need_A, need_B, gA, gB)
+    per_adapter = _per_adapter_list_grad(n)
     return (gx if need_x else None, None, None, None, None, None, None, None, None, None,
-            gb if need_b else None, grad_A, grad_B, None, None, None, None, None)  # fmt: skip
+            gb if need_b else None, grad_A, grad_B, per_adapter, per_adapter, None, None, None)  # fmt: skip
 
 
 torch.library.register_autograd("fastpeft::multi_lora_linear_4bit", _backward_4bit, setup_context=_setup_4bit)

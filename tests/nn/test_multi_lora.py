@@ -131,6 +131,17 @@ def test_adapters_added_and_removed_without_touching_the_rest():
     assert layer.adapter_names == ["sql", "code", "math", "chat"]
 
 
+def test_empty_bank_is_the_base_layer():
+    layer = MultiLoRALinear(nn.Linear(24, 16))
+    x = torch.randn(3, 4, 24, requires_grad=True)
+    y = layer(x, ["__base__"] * 3)
+    assert torch.equal(y, layer.base_layer(x))
+    y.sum().backward()
+    assert_close(x.grad, layer.base_layer.weight.sum(0).expand(3, 4, 24))
+    with pytest.raises(RuntimeError, match="adapter_index holds 0 but 0 adapters are loaded"):
+        layer(x, torch.zeros(3, dtype=torch.int64))
+
+
 def test_training_mixed_batch_equals_each_example_alone():
     layer = MultiLoRALinear(nn.Linear(64, 32))
     for name, (r, alpha, rslora) in ADAPTERS.items():

@@ -209,6 +209,17 @@ def test_frozen_adapters_get_no_gradient_and_unused_ones_get_zeros():
     assert_close(Bs[0].grad, Bs_ref[0].grad, scale=10)
 
 
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_empty_bank(kind):
+    x = leaf(torch.randn(5, 64))
+    weight = make_weight(kind, 32, 64, torch.float32, "cpu")
+    y = multi_lora_linear(x, weight, None, [], [], [], torch.full((5,), -1))
+    y_ref = multi_lora_linear_reference(x, weight, None, [], [], [], torch.full((5,), -1))
+    assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0])
+
+
 def test_dense_weight_gradient_when_trainable():
     x = leaf(torch.randn(10, 24))
     W = leaf(torch.randn(12, 24))
