@@ -173,6 +173,10 @@ def main(argv=None):
                     row = dict(mode=mode, hidden=hidden, adapters=n_adapters, ranks="8/16/32/64", tokens=tokens,
                                examples=examples, dtype=cfg["dtype"], provider=name)  # fmt: skip
                     row.update(measure(fn, trainable, frozen, xm, grad, device, reps, mode))
+                    # The frozen GEMMs every provider runs (forward; plus the input gradient in
+                    # training), 2 flops per MAC: how close each gets to the base layer's throughput.
+                    base_flops = (2 if mode == "infer" else 4) * tokens * hidden * hidden
+                    row["base_tflops"] = base_flops / (row["ms"] * 1e-3) / 1e12
                     rows.append(row)
                     print(f"{mode:5s} adapters={n_adapters:3d} tokens={tokens:6d} examples={examples:4d} {name:9s} "
                           f"{row['ms']:9.3f} ms  (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})", flush=True)  # fmt: skip
@@ -183,7 +187,8 @@ def main(argv=None):
                                  "vs_floor", "peft_ms", "vs_peft", "loop_ms", "vs_loop", "saved_MiB_fastpeft",
                                  "saved_MiB_loop"])  # fmt: skip
     if not args.no_write:
-        path = common.write_results(f"bench_multi_lora_{preset}", device, rows, extra={"summary": summary})
+        extra = {"summary": summary, "device_peaks": common.device_peaks(device)}
+        path = common.write_results(f"bench_multi_lora_{preset}", device, rows, extra=extra)
         print(f"\nwrote {path}")
     return rows, summary
 
