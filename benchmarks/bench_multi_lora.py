@@ -187,7 +187,8 @@ def main(argv=None):
                                  "vs_floor", "peft_ms", "vs_peft", "loop_ms", "vs_loop", "saved_MiB_fastpeft",
                                  "saved_MiB_loop"])  # fmt: skip
     if not args.no_write:
-        extra = {"summary": summary, "device_peaks": common.device_peaks(device)}
+        # The load average says how shared the machine was while the numbers were taken.
+        extra = {"summary": summary, "device_peaks": common.device_peaks(device), "loadavg": os.getloadavg()}
         path = common.write_results(f"bench_multi_lora_{preset}", device, rows, extra=extra)
         print(f"\nwrote {path}")
     return rows, summary
