@@ -10,7 +10,7 @@ Providers, side by side on the same weights and routing:
   loop      the naive reference: base GEMM, then a Python loop over adapters gathering their rows
   floor     the frozen base layer alone (forward; forward + input gradient in training)
 Modes: infer (forward under no_grad) and train (forward + backward into x and every adapter).
-Times: median with p20/p80; memory: peak CUDA bytes on GPU, bytes saved for backward on CPU.
+Times: median with p20/p80, providers timed in turn within each round; memory: peak CUDA bytes on GPU, bytes saved for backward on CPU.
 
   python benchmarks/bench_multi_lora.py                 # CPU-sized shapes, fp32
   python benchmarks/bench_multi_lora.py --preset gpu    # hidden 4096, 8..64 adapters, ranks 8..64, 1k..16k tokens, bf16
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 
 import torch
@@ -106,7 +107,7 @@ def providers(base, ours, model, names, index, mode, rows):
     return out
 
 
-def measure(fn, trainable, frozen, x, grad, device, reps, mode):
+def make_step(fn, x, grad, mode):
     if mode == "infer":
 
         def step():
@@ -118,8 +119,28 @@ def measure(fn, trainable, frozen, x, grad, device, reps, mode):
         def step():
             fn(x).backward(grad)
 
-    t = common.time_fn(step, device, warmup=2, reps=reps)
-    row = {"ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"]}
+    return step
+
+
+def interleaved_times(steps, device, warmup, reps):
+    """Median and p20/p80 (ms) per provider. Providers take turns within each round, so a load that
+    changes over time (a shared CPU) weighs on all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            times[name].append(common.time_fn(step, device, warmup=0, reps=1)["median_ms"])
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        out[name] = {"ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3]}
+    return out
+
+
+def memory(fn, step, trainable, frozen, x, device, mode):
+    row = {}
     if mode == "train":
         row["saved_bytes"] = common.saved_activation_bytes(lambda: fn(x), exclude=tuple(trainable) + tuple(frozen))
     row["peak_bytes"] = common.peak_memory_bytes(step, device)
@@ -167,18 +188,22 @@ def main(argv=None):
             grad = torch.randn(examples, seq, hidden, dtype=dtype, device=device)
             for mode in args.modes.split(","):
                 xm = x.clone().requires_grad_(mode == "train")
-                for name, (fn, trainable, frozen) in providers(base, ours, model, names, index, mode, tokens).items():
-                    if name == "plan" and mode == "train":
-                        continue
+                provs = providers(base, ours, model, names, index, mode, tokens)
+                if mode == "train":
+                    provs.pop("plan")
+                steps = {name: make_step(fn, xm, grad, mode) for name, (fn, _, _) in provs.items()}
+                times = interleaved_times(steps, device, warmup=2, reps=reps)
+                for name, (fn, trainable, frozen) in provs.items():
                     row = dict(mode=mode, hidden=hidden, adapters=n_adapters, ranks="8/16/32/64", tokens=tokens,
                                examples=examples, dtype=cfg["dtype"], provider=name)  # fmt: skip
-                    row.update(measure(fn, trainable, frozen, xm, grad, device, reps, mode))
+                    row.update(times[name])
+                    row.update(memory(fn, steps[name], trainable, frozen, xm, device, mode))
                     # The frozen GEMMs every provider runs (forward; plus the input gradient in
                     # training), 2 flops per MAC: how close each gets to the base layer's throughput.
                     base_flops = (2 if mode == "infer" else 4) * tokens * hidden * hidden
                     row["base_tflops"] = base_flops / (row["ms"] * 1e-3) / 1e12
                     rows.append(row)
-                    print(f"{mode:5s} adapters={n_adapters:3d} tokens={tokens:6d} examples={examples:4d} {name:9s} "
+                    print(f"{mode:5s} adapters={n_adapters:3d} tokens={tokens:6d} examples={examples:4d} {name:13s} "
                           f"{row['ms']:9.3f} ms  (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})", flush=True)  # fmt: skip
 
     summary = summarize(rows)
