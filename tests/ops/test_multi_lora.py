@@ -380,6 +380,9 @@ def test_cuda_segment_kernels_at_scale(dtype, rows, n_adapters):
     y_ref, grads_ref = run(multi_lora_linear_reference, x, W, None, As, Bs, scalings, index, 0.1, torch.tensor([7]), g)
     y32, grads32 = run(multi_lora_linear_reference, up([x])[0], W.float(), None, up(As), up(Bs), scalings, index, 0.1,
                        torch.tensor([7]), g.float())  # fmt: skip
-    assert_error_within(y, y_ref, y32, floor=1e-4 if dtype == torch.float32 else None)
+    # float32: the reference is itself float32, so the bound is a floor scaled to the values (sums of
+    # up to 3000 terms in a different order).
+    floor = lambda ref32: 1e-4 * max(1.0, ref32.abs().max().item()) if dtype == torch.float32 else None  # noqa: E731
+    assert_error_within(y, y_ref, y32, floor=floor(y32))
     for got, ref, ref32 in zip(grads, grads_ref, grads32):
-        assert_error_within(got, ref, ref32, floor=1e-4 if dtype == torch.float32 else None)
+        assert_error_within(got, ref, ref32, floor=floor(ref32))
