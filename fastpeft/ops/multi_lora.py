@@ -15,7 +15,8 @@ a plain index tensor makes a plan per call.
 
 Saved for backward: x, the [M, r_max] shrink output (padded to the largest rank of the bank, since
 the ragged size depends on device data the host never reads), and the plan (int32, M + 2 (N + 1)
-entries, shared by every layer that uses it). Not saved: the dequantized weight, dropout masks,
+entries, shared by every layer that uses it), with dropout the 8-byte seed, and references to the
+adapters and the frozen weight. Not saved: the dequantized weight, dropout masks,
 any copy of the base output. Gradients of the adapters are reduced over the rows that used each
 adapter; an adapter no row used gets zeros, as rows of ``nn.Embedding`` that no token used do.
 """
