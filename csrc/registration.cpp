@@ -96,6 +96,36 @@ TORCH_LIBRARY(fastpeft, m) {
       "Tensor? prefix_index, Tensor? attention_mask, Tensor out, Tensor lse, bool causal, float? scale, "
       "bool[] output_mask) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_prefix_k, "
       "Tensor grad_prefix_v)");
+  // ---- Several LoRA adapters in one batch (multi-LoRA) -----------------------------------------
+  // Row m of x uses adapter a(m) of the bank, or none (index -1):
+  // out_m = x_m W^T + b + scalings[a] * (dropout_a(x_m) lora_A[a]^T) lora_B[a]^T.
+  // The plan (sorted_rows, offsets) groups the rows by adapter; make it once per batch with
+  // multi_lora_plan and pass it to every layer. Also returns the [M, max rank] shrink for backward.
+  m.def(
+      "multi_lora_plan(Tensor adapter_index, int rows, int num_adapters) -> "
+      "(Tensor sorted_rows, Tensor offsets)");
+  m.def(
+      "multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, "
+      "float[] scalings, float[] dropout_p, Tensor? seed, Tensor sorted_rows, Tensor offsets) "
+      "-> (Tensor out, Tensor shrink)");
+  m.def(
+      "multi_lora_linear_backward(Tensor grad_out, Tensor x, Tensor shrink, Tensor weight, "
+      "Tensor[] lora_A, Tensor[] lora_B, float[] scalings, float[] dropout_p, Tensor? seed, "
+      "Tensor sorted_rows, Tensor offsets, bool[] output_mask, bool[] adapter_grads) -> "
+      "(Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "multi_lora_linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? nested_offset, int out_features, int blocksize, "
+      "int nested_blocksize, str quant_type, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, "
+      "float[] scalings, float[] dropout_p, Tensor? seed, Tensor sorted_rows, Tensor offsets) "
+      "-> (Tensor out, Tensor shrink)");
+  m.def(
+      "multi_lora_linear_4bit_backward(Tensor grad_out, Tensor x, Tensor shrink, Tensor packed, "
+      "Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, "
+      "int out_features, int blocksize, int nested_blocksize, str quant_type, Tensor[] lora_A, "
+      "Tensor[] lora_B, float[] scalings, float[] dropout_p, Tensor? seed, Tensor sorted_rows, "
+      "Tensor offsets, bool[] output_mask, bool[] adapter_grads) -> "
+      "(Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, Tensor grad_bias)");
 }
 
 namespace {

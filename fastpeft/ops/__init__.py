@@ -3,6 +3,7 @@
 from fastpeft.ops.dropout import dropout_reference, new_seed
 from fastpeft.ops.lora import lora_linear, lora_linear_multi, lora_linear_reference
 from fastpeft.ops.prefix_attention import prefix_attention, prefix_attention_reference
+from fastpeft.ops.multi_lora import MultiLoRAPlan, multi_lora_linear, multi_lora_linear_reference, plan_multi_lora
 from fastpeft.ops.quant4bit import dequantize_4bit, dequantize_4bit_reference
 from fastpeft.ops.sparse_delta import sparse_delta_linear, sparse_delta_linear_reference
 from fastpeft.ops.sparse_optim import sparse_adamw_step, sparse_adamw_step_reference
@@ -14,6 +15,9 @@ __all__ = [
     "lora_linear",
     "lora_linear_multi",
     "lora_linear_reference",
+    "MultiLoRAPlan",
+    "multi_lora_linear",
+    "multi_lora_linear_reference",
     "new_seed",
     "sparse_adamw_step",
     "sparse_adamw_step_reference",
@@ -21,4 +25,5 @@ __all__ = [
     "sparse_delta_linear_reference",
     "prefix_attention",
     "prefix_attention_reference",
+    "plan_multi_lora",
 ]

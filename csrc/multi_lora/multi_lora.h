@@ -1,0 +1,84 @@
+// Several LoRA adapters in one batch: shared declarations of the op bodies and device kernels.
+//
+// Routing. Row m of x (a token) uses adapter a(m) in [0, N) or none (-1). A "plan", made once per
+// batch by multi_lora_plan and shared by every layer, sorts the rows by adapter:
+//   sorted_rows  int32 [M]       row ids, grouped by adapter (stable), rows with no adapter last;
+//   offsets      int32 [2, N+1]  offsets[0][a] .. offsets[0][a+1] is adapter a's segment of
+//                                sorted_rows; offsets[1][a] is the number of kRowsPerTile-row tiles
+//                                of the segments before a (CUDA kernels map blocks to tiles).
+// Everything that depends on the indices stays on the device: no host sync after the plan.
+//
+// Mixed ranks. Adapters are separate tensors (lora_A[i] [r_i, K], lora_B[i] [O, r_i]); kernels
+// read them through a table of pointers, so nothing is stacked or copied per call. The [M, r_max]
+// shrink activation is padded to the largest rank (zeros past r_{a(m)}): its ragged size depends
+// on the indices, which the host does not see.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/dropout_mask.h"
+
+namespace fastpeft {
+
+// Rows per tile of the row-tiled CUDA kernels; the plan counts tiles of this height.
+constexpr int64_t kMultiLoraRowsPerTile = 64;
+
+// The validated adapter bank of one call.
+struct AdapterBank {
+  std::vector<at::Tensor> A;  // [r_i, K], contiguous, x's dtype and device
+  std::vector<at::Tensor> B;  // [O, r_i], contiguous
+  std::vector<int64_t> ranks;
+  std::vector<int64_t> rank_offsets;  // sum of the ranks before i
+  std::vector<double> scalings;
+  std::vector<DropoutMask> dropout;  // per adapter; p = 0 keeps everything at factor 1
+  bool any_dropout = false;
+  int64_t in_features = 0, out_features = 0, max_rank = 0, total_rank = 0;
+  // CUDA: the table of adapter pointers, uploaded by the first kernel of a call and reused by the
+  // others of that call.
+  mutable at::Tensor device_table;
+
+  size_t size() const { return ranks.size(); }
+};
+
+// The validated routing of one call (tensors on x's device).
+struct RowPlan {
+  at::Tensor sorted_rows;  // int32 [M]
+  at::Tensor offsets;      // int32 [2, N+1]
+  int64_t rows = 0;
+  int64_t num_adapters = 0;
+  // Upper bound on the number of row tiles, known without reading the device: every segment
+  // adds at most one partial tile.
+  int64_t max_tiles() const {
+    return (rows + kMultiLoraRowsPerTile - 1) / kMultiLoraRowsPerTile + std::min(rows, num_adapters);
+  }
+};
+
+// Device kernels. x, grad_out, grad_x, out: contiguous [M, K] / [M, O]; shrink, grad_shrink:
+// contiguous [M, r_max]; all validated by the op bodies in multi_lora.cpp, with M > 0 and N > 0.
+struct MultiLoraKernels {
+  // [M, r_max]: row m holds dropout_a(x_m) A_a^T in its first r_a columns, zeros elsewhere.
+  at::Tensor (*shrink)(const at::Tensor& x, const AdapterBank& bank, const RowPlan& plan);
+  // out_m += scaling_a * shrink_m[:r_a] B_a^T for every row with an adapter.
+  void (*expand_)(at::Tensor& out, const at::Tensor& shrink, const AdapterBank& bank, const RowPlan& plan);
+  // [M, r_max]: scaling_a * g_m B_a in the first r_a columns, zeros elsewhere.
+  at::Tensor (*grad_shrink)(const at::Tensor& grad_out, const AdapterBank& bank, const RowPlan& plan);
+  // grad_x_m += mask_a(m) * (grad_shrink_m[:r_a] A_a).
+  void (*grad_x_accum_)(at::Tensor& grad_x, const at::Tensor& grad_shrink, const AdapterBank& bank,
+                        const RowPlan& plan);
+  // grad_A[i] = grad_shrink_i^T dropout_i(x_i), grad_B[i] = scaling_i * g_i^T shrink_i over the rows
+  // of adapter i (zeros for an adapter no row uses). An undefined grad_A[i] / grad_B[i] is skipped.
+  void (*grad_adapters)(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& shrink,
+                        const at::Tensor& grad_shrink, const AdapterBank& bank, const RowPlan& plan,
+                        std::vector<at::Tensor>& grad_A, std::vector<at::Tensor>& grad_B);
+};
+
+const MultiLoraKernels& multi_lora_cpu_kernels();
+#ifdef FASTPEFT_WITH_CUDA
+const MultiLoraKernels& multi_lora_cuda_kernels();
+#endif
+
+}  // namespace fastpeft
