@@ -1,13 +1,21 @@
 """Typed wrappers of ``torch.ops.fastpeft.*`` with fake kernels, autograd and plain-PyTorch references."""
 
+from fastpeft.ops.adapter import bottleneck_adapter, bottleneck_adapter_reference
 from fastpeft.ops.dropout import dropout_reference, new_seed
+from fastpeft.ops.ia3 import ia3_linear, ia3_linear_reference, ia3_scale, ia3_scale_reference
 from fastpeft.ops.lora import lora_linear, lora_linear_multi, lora_linear_reference
 from fastpeft.ops.quant4bit import dequantize_4bit, dequantize_4bit_reference
 
 __all__ = [
+    "bottleneck_adapter",
+    "bottleneck_adapter_reference",
     "dequantize_4bit",
     "dequantize_4bit_reference",
     "dropout_reference",
+    "ia3_linear",
+    "ia3_linear_reference",
+    "ia3_scale",
+    "ia3_scale_reference",
     "lora_linear",
     "lora_linear_multi",
     "lora_linear_reference",
