@@ -10,7 +10,7 @@
 //
 // Banks: with adapter_ids, example b uses entry ids[b] of each bank. The GEMMs then run batched
 // over examples (bmm against the gathered [B, r, d] / [B, d, r] weights) and the weight gradients
-// of the examples that share an entry are summed with index_add.
+// of the examples that share an entry are summed by a GEMM with the one-hot assignment.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -134,6 +134,14 @@ Chain make_chain(const at::Tensor& x, at::TensorList Wd, at::TensorList bd, at::
   return chain;
 }
 
+// bank[ids] for a bank [N, ...]: each example's entry, [B, ...]. Row gathers through embedding,
+// which copies whole rows (index_select's CPU path is element-wise and ~100x slower here).
+at::Tensor gather_bank(const at::Tensor& bank, const at::Tensor& ids) {
+  std::vector<int64_t> shape(bank.sizes().begin(), bank.sizes().end());
+  shape[0] = ids.size(0);
+  return at::embedding(bank.reshape({bank.size(0), -1}), ids).view(shape);
+}
+
 // Rows of example b: [B, S, .] views of [M, .] tensors for the batched (banked) GEMMs.
 at::Tensor by_example(const at::Tensor& t, const TaskMap& banks) {
   return t.view({banks.num_examples, banks.rows_per_example, t.size(-1)});
@@ -170,8 +178,8 @@ Normed normalize(const Stage& s, const at::Tensor& h, double eps, bool want_plai
     n.h = at::addcmul(s.ln_b[0], n.plain, s.ln_w[0]);
     return n;
   }
-  const auto w = s.ln_w.index_select(0, s.banks.ids).unsqueeze(1);
-  const auto b = s.ln_b.index_select(0, s.banks.ids).unsqueeze(1);
+  const auto w = gather_bank(s.ln_w, s.banks.ids).unsqueeze(1);
+  const auto b = gather_bank(s.ln_b, s.banks.ids).unsqueeze(1);
   n.h = at::addcmul(b, by_example(n.plain, s.banks), w).view(h.sizes());
   return n;
 }
@@ -184,7 +192,7 @@ std::pair<at::Tensor, at::Tensor> down_project(const Stage& s, const at::Tensor&
   if (!s.banked()) {
     z = at::addmm(s.bd[0], hn, s.Wd[0].t());
   } else {
-    const auto W = s.Wd.index_select(0, s.banks.ids);  // [B, r, d]
+    const auto W = gather_bank(s.Wd, s.banks.ids);  // [B, r, d]
     z = at::bmm(by_example(hn, s.banks), W.transpose(1, 2)).view({M, s.r});
     bias_for_epilogue = s.bd;
   }
@@ -197,7 +205,7 @@ std::pair<at::Tensor, at::Tensor> down_project(const Stage& s, const at::Tensor&
 at::Tensor up_project(const Stage& s, const at::Tensor& a_aug, const at::Tensor& res) {
   const auto U = up_augmented(s);  // [N, d, r_pad]
   if (!s.banked()) return at::addmm(res, a_aug, U[0].t(), /*beta=*/1.0, /*alpha=*/s.scaling);
-  const auto Ug = U.index_select(0, s.banks.ids);  // [B, d, r_pad]
+  const auto Ug = gather_bank(U, s.banks.ids);  // [B, d, r_pad]
   return at::baddbmm(by_example(res, s.banks), by_example(a_aug, s.banks), Ug.transpose(1, 2), 1.0, s.scaling)
       .view(res.sizes());
 }
@@ -231,10 +239,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> bottleneck_adapter(
 }
 
 at::Tensor sum_per_bank(const at::Tensor& per_example, const Stage& s) {
-  // per_example [B, ...] -> [N, ...], summing in float32 the examples that share an adapter.
-  return at::zeros({s.N(), per_example.size(1), per_example.size(2)}, per_example.options().dtype(at::kFloat))
-      .index_add_(0, s.banks.ids, per_example.to(at::kFloat))
-      .to(per_example.scalar_type());
+  // per_example [B, ...] -> [N, ...], summing the examples that share an adapter: one GEMM with
+  // the [N, B] one-hot assignment (float32 accumulation, one rounding, no atomics).
+  const auto banks = at::arange(s.N(), s.banks.ids.options()).unsqueeze(1);
+  const auto onehot = banks.eq(s.banks.ids.unsqueeze(0)).to(per_example.scalar_type());
+  return at::mm(onehot, per_example.reshape({per_example.size(0), -1}))
+      .view({s.N(), per_example.size(1), per_example.size(2)});
 }
 
 // Gradients of one stage. g: grad of the stage output [M, d]; h: stage input; z: saved.
@@ -255,7 +265,7 @@ StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor&
   if (!s.banked()) {
     dz = at::mm(g, s.Wu[0]);
   } else {
-    const auto Wu_g = s.Wu.index_select(0, s.banks.ids);  // [B, d, r]
+    const auto Wu_g = gather_bank(s.Wu, s.banks.ids);  // [B, d, r]
     dz = at::bmm(by_example(g, s.banks), Wu_g).view({M, s.r});
   }
   activation_backward(dz, z, chain.act, s.scaling);
@@ -279,7 +289,7 @@ StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor&
   if (!s.banked()) {
     ghn = at::mm(dz, s.Wd[0]);
   } else {
-    ghn = at::bmm(by_example(dz, s.banks), s.Wd.index_select(0, s.banks.ids)).view({M, d});
+    ghn = at::bmm(by_example(dz, s.banks), gather_bank(s.Wd, s.banks.ids)).view({M, d});
   }
   if (!s.ln_w.defined()) {
     out.h = ghn;
@@ -297,7 +307,7 @@ StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor&
     if (!s.banked()) {
       g_plain = ghn * s.ln_w[0];
     } else {
-      g_plain = (by_example(ghn, s.banks) * s.ln_w.index_select(0, s.banks.ids).unsqueeze(1)).view({M, d});
+      g_plain = (by_example(ghn, s.banks) * gather_bank(s.ln_w, s.banks.ids).unsqueeze(1)).view({M, d});
     }
     out.h = std::get<0>(at::native_layer_norm_backward(g_plain, h, {d}, n.mean, n.rstd, c10::nullopt, c10::nullopt,
                                                        {true, false, false}));

@@ -27,6 +27,24 @@ void scale_rows(const T* x, T* out, const V* vectors, const TaskMap& tasks, int6
   });
 }
 
+// acc[j] += grad * saved (or grad) over the rows of one example, and optionally
+// scaled_out = grad * v. Branch-free inner loops (HasSaved / WriteScaled are template
+// parameters) so the compiler vectorises them.
+template <typename T, typename V, bool HasSaved, bool WriteScaled>
+void reduce_rows(const T* grad, const T* saved, const V* v, T* scaled_out, float* acc, int64_t row0, int64_t row1,
+                 int64_t d, int64_t j0, int64_t n) {
+  for (int64_t m = row0; m < row1; ++m) {
+    const T* g = grad + m * d + j0;
+    const T* s = HasSaved ? saved + m * d + j0 : nullptr;
+    T* o = WriteScaled ? scaled_out + m * d + j0 : nullptr;
+    for (int64_t j = 0; j < n; ++j) {
+      const float gj = static_cast<float>(g[j]);
+      acc[j] += HasSaved ? gj * static_cast<float>(s[j]) : gj;
+      if (WriteScaled) o[j] = static_cast<T>(gj * static_cast<float>(v[j]));  // after reading g: o may alias g
+    }
+  }
+}
+
 // Per-example partial sums in float32 (columns split across threads, so a batch of one long example
 // still uses every core), then a sum over each task's examples. Deterministic: no atomics.
 template <typename T, typename V>
@@ -39,25 +57,20 @@ at::Tensor task_reduce(const T* grad, const T* saved, const V* vectors, const Ta
   float* part = partial.data_ptr<float>();
   constexpr int64_t kCols = 256;
   const int64_t col_tiles = (d + kCols - 1) / kCols;
+  auto rows = reduce_rows<T, V, false, false>;
+  if (saved && scaled_out) rows = reduce_rows<T, V, true, true>;
+  else if (saved) rows = reduce_rows<T, V, true, false>;
+  else if (scaled_out) rows = reduce_rows<T, V, false, true>;
   at::parallel_for(0, B * col_tiles, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> acc(kCols);
+    float acc[kCols];
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t b = w / col_tiles;
       const int64_t j0 = (w % col_tiles) * kCols;
       const int64_t n = std::min(kCols, d - j0);
-      std::fill(acc.begin(), acc.begin() + n, 0.0f);
+      std::fill(acc, acc + n, 0.0f);
       const V* v = vectors ? vectors + (ids ? ids[b] : 0) * d + j0 : nullptr;
-      for (int64_t m = b * S; m < (b + 1) * S; ++m) {
-        const T* g = grad + m * d + j0;
-        const T* s = saved ? saved + m * d + j0 : nullptr;
-        T* o = scaled_out ? scaled_out + m * d + j0 : nullptr;
-        for (int64_t j = 0; j < n; ++j) {
-          const float gj = static_cast<float>(g[j]);
-          acc[j] += s ? gj * static_cast<float>(s[j]) : gj;
-          if (o) o[j] = static_cast<T>(gj * static_cast<float>(v[j]));  // after reading g: o may alias g
-        }
-      }
-      std::copy(acc.begin(), acc.begin() + n, part + b * d + j0);
+      rows(grad, saved, v, scaled_out, acc, b * S, (b + 1) * S, d, j0, n);
+      std::copy(acc, acc + n, part + b * d + j0);
     }
   });
   auto result = at::zeros({tasks.num_tasks, d}, float_opts);
