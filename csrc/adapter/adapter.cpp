@@ -243,7 +243,7 @@ at::Tensor sum_per_bank(const at::Tensor& per_example, const Stage& s) {
   // the [N, B] one-hot assignment (float32 accumulation, one rounding, no atomics).
   const auto banks = at::arange(s.N(), s.banks.ids.options()).unsqueeze(1);
   const auto onehot = banks.eq(s.banks.ids.unsqueeze(0)).to(per_example.scalar_type());
-  return at::mm(onehot, per_example.reshape({per_example.size(0), -1}))
+  return at::mm(onehot, per_example.reshape({per_example.size(0), per_example.size(1) * per_example.size(2)}))
       .view({s.N(), per_example.size(1), per_example.size(2)});
 }
 

@@ -135,7 +135,6 @@ def _setup_linear_4bit(ctx, inputs, output):
     ctx.in_features = x.shape[-1]
     vectors, task_ids, is_feedforward = inputs[11:]
     ctx.is_feedforward = is_feedforward
-    ctx.n_quant = 5
     # The packed weight is saved as the packed tensors it already is; never dequantized here.
     ctx.save_for_backward(x if is_feedforward else output, *inputs[1:6], vectors, task_ids)
 
