@@ -29,9 +29,10 @@ __device__ __forceinline__ int64_t task_of_example(const int64_t* ids, int64_t b
 }
 
 // VEC elements per thread; VEC > 1 only when d % VEC == 0 and x, out are 16-byte aligned.
+// x and out may be the same tensor (in-place scaling), so neither is __restrict__.
 template <typename T, typename V, int VEC>
 __global__ void __launch_bounds__(kThreads)
-scale_rows_kernel(const T* __restrict__ x, T* out, const V* __restrict__ vectors, const int64_t* __restrict__ ids,
+scale_rows_kernel(const T* x, T* out, const V* __restrict__ vectors, const int64_t* __restrict__ ids,
                   int64_t rows_per_example, int64_t num_tasks, int64_t M, int64_t d) {
   const int64_t groups_per_row = d / VEC;
   const int64_t total = M * groups_per_row;
@@ -66,9 +67,12 @@ reduce_chunks_kernel(const T* grad, const T* __restrict__ saved, const V* __rest
   const int tx = threadIdx.x % kColLanes, ty = threadIdx.x / kColLanes;
   const int64_t j = int64_t(blockIdx.y) * kColLanes + tx;
   float acc = 0.0f;
+  // Checked even when only reducing: stage 2 would silently drop an example with a bad id.
+  const int64_t task = task_of_example(ids, b, num_tasks);
+  (void)task;  // unused when only reducing
   if (j < d) {
     float l = 0.0f;
-    if (WriteScaled) l = static_cast<float>(vectors[task_of_example(ids, b, num_tasks) * d + j]);
+    if (WriteScaled) l = static_cast<float>(vectors[task * d + j]);
     for (int64_t m = row0 + ty; m < row1; m += kRowLanes) {
       const float g = static_cast<float>(grad[m * d + j]);
       acc += HasSaved ? g * static_cast<float>(saved[m * d + j]) : g;
