@@ -126,6 +126,57 @@ TORCH_LIBRARY(fastpeft, m) {
       "Tensor[] lora_B, float[] scalings, float[] dropout_p, Tensor? seed, Tensor sorted_rows, "
       "Tensor offsets, bool[] output_mask, bool[] adapter_grads) -> "
       "(Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, Tensor grad_bias)");
+  // ---- (IA)^3 and bottleneck adapters (issue 3) --------------------------------------------------
+  // (IA)^3 scales activations by learned vectors. `vectors` is a bank [T, d] (float32 or x's
+  // dtype); `task_ids` [B] picks each example's row (x is [B, ..., d]); None means one task (T = 1).
+  m.def("ia3_scale(Tensor x, Tensor vectors, Tensor? task_ids) -> Tensor");
+  m.def("ia3_scale_(Tensor(a!) x, Tensor vectors, Tensor? task_ids) -> ()");
+  // saved is x, or the scaled output y when divide_by_vectors (then grad_vectors = sum(grad*y)/l).
+  m.def(
+      "ia3_scale_backward(Tensor grad, Tensor saved, Tensor vectors, Tensor? task_ids, "
+      "bool divide_by_vectors, bool[] output_mask) -> (Tensor grad_x, Tensor grad_vectors)");
+  // A frozen linear with (IA)^3: y = (x W^T + b) * l (output side: keys, values) or
+  // y = (x * l) W^T + b (is_feedforward: the FFN intermediate). Backward saves y (output side)
+  // or x (feed-forward); the base weight and bias are frozen.
+  m.def(
+      "ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor vectors, Tensor? task_ids, "
+      "bool is_feedforward) -> Tensor");
+  m.def(
+      "ia3_linear_backward(Tensor grad_out, Tensor saved, Tensor weight, Tensor vectors, "
+      "Tensor? task_ids, bool is_feedforward, bool[] output_mask) -> (Tensor grad_x, Tensor grad_vectors)");
+  m.def(
+      "ia3_linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? nested_offset, int out_features, int blocksize, "
+      "int nested_blocksize, str quant_type, Tensor? bias, Tensor vectors, Tensor? task_ids, "
+      "bool is_feedforward) -> Tensor");
+  m.def(
+      "ia3_linear_4bit_backward(Tensor grad_out, Tensor saved, Tensor packed, Tensor absmax, "
+      "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int out_features, "
+      "int in_features, int blocksize, int nested_blocksize, str quant_type, Tensor vectors, Tensor? task_ids, "
+      "bool is_feedforward, bool[] output_mask) -> (Tensor grad_x, Tensor grad_vectors)");
+  // 4-bit dequantize with a per-row (scale_dim 0) or per-column (scale_dim 1) factor folded in:
+  // the single-task (IA)^3 fusion. out is the 2-D [rows, cols] weight buffer.
+  m.def(
+      "dequantize_4bit_scaled_(Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? nested_offset, int blocksize, int nested_blocksize, "
+      "str quant_type, Tensor scale, int scale_dim, Tensor(a!) out) -> ()");
+  // Bottleneck adapters: a chain of n stages (n = 2 stacks a language then a task adapter, MAD-X);
+  // stage i maps h to h + scaling_i * (act(LN_i(h) Wd_i^T + bd_i) Wu_i^T + bu_i), starting from
+  // x with the residual `residual` (None: x). Stage weights are banks: Wd [N, r, d], bd [N, r],
+  // Wu [N, d, r], bu [N, d]; adapter_ids[i] [B] picks each example's adapter (None: N = 1).
+  // ln_weight / ln_bias are empty (no layer norm) or one [N, d] bank per stage. `saved` holds per
+  // stage the [M, r] pre-activation and, with layer norm, its [M] mean and rstd (else empty).
+  m.def(
+      "bottleneck_adapter(Tensor x, Tensor? residual, Tensor[] down_weight, Tensor[] down_bias, "
+      "Tensor[] up_weight, Tensor[] up_bias, Tensor[] ln_weight, Tensor[] ln_bias, "
+      "Tensor?[] adapter_ids, float[] scalings, str activation, float ln_eps) -> (Tensor out, Tensor[] saved)");
+  m.def(
+      "bottleneck_adapter_backward(Tensor grad_out, Tensor x, Tensor? residual, Tensor[] saved, "
+      "Tensor[] down_weight, Tensor[] down_bias, Tensor[] up_weight, Tensor[] up_bias, "
+      "Tensor[] ln_weight, Tensor[] ln_bias, Tensor?[] adapter_ids, float[] scalings, str activation, "
+      "float ln_eps, bool[] output_mask) -> (Tensor grad_x, Tensor grad_residual, Tensor[] grad_down_weight, "
+      "Tensor[] grad_down_bias, Tensor[] grad_up_weight, Tensor[] grad_up_bias, Tensor[] grad_ln_weight, "
+      "Tensor[] grad_ln_bias)");
 }
 
 namespace {

@@ -1,6 +1,6 @@
 // CPU dequantization of bitsandbytes 4-bit weights, bit-exact with bitsandbytes, optionally with
-// a sparse delta added to listed elements before the rounding (sparse fine-tuning, see
-// csrc/sparse_delta).
+// a row or column factor folded in (see DequantScale; (IA)^3) or a sparse delta added to listed
+// elements before the rounding (sparse fine-tuning, see csrc/sparse_delta).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -57,13 +57,28 @@ void add_delta_range(const Quant4bitDelta& delta, const uint8_t* packed, const f
   }
 }
 
-template <typename T>
-void dequantize_blocks(const Quant4bitWeight& w, T* out, int64_t numel, const Quant4bitDelta* delta) {
+// Walks elements in row-major order, tracking the row and column without a division per element.
+struct RowColCursor {
+  int64_t row, col, cols;
+  RowColCursor(int64_t e, int64_t cols_) : row(e / cols_), col(e % cols_), cols(cols_) {}
+  void next() {
+    if (++col == cols) {
+      col = 0;
+      ++row;
+    }
+  }
+};
+
+template <typename T, DequantScaleMode Mode>
+void dequantize_blocks(const Quant4bitWeight& w, T* out, int64_t numel, const DequantScale& fold,
+                       const Quant4bitDelta* delta) {
+  TORCH_INTERNAL_ASSERT(delta == nullptr || Mode == DequantScaleMode::None, "a delta and a scale fold together");
   const uint8_t* packed = w.packed.data_ptr<uint8_t>();
   const float* code = quant4bit_code(w.type);
   const int64_t bs = w.blocksize;
   const int64_t blocks = (numel + bs - 1) / bs;
   const BlockScales scale_of(w);
+  const float* factors = Mode == DequantScaleMode::None ? nullptr : fold.factors.data_ptr<float>();
 
   // ~64 KiB of output per task keeps the thread pool busy without per-block overhead.
   const int64_t grain = std::max<int64_t>(1, 32768 / bs);
@@ -72,14 +87,24 @@ void dequantize_blocks(const Quant4bitWeight& w, T* out, int64_t numel, const Qu
       const float scale = scale_of(b);
       const int64_t e0 = b * bs;
       const int64_t e1 = std::min(numel, e0 + bs);
-      // e0 is even (bs is), so elements come in (high nibble, low nibble) pairs of one byte.
-      int64_t e = e0;
-      for (; e + 1 < e1; e += 2) {
-        const uint8_t byte = packed[e >> 1];
-        out[e] = static_cast<T>(code[byte >> 4] * scale);
-        out[e + 1] = static_cast<T>(code[byte & 0xF] * scale);
+      if (Mode == DequantScaleMode::None) {
+        // e0 is even (bs is), so elements come in (high nibble, low nibble) pairs of one byte.
+        int64_t e = e0;
+        for (; e + 1 < e1; e += 2) {
+          const uint8_t byte = packed[e >> 1];
+          out[e] = static_cast<T>(code[byte >> 4] * scale);
+          out[e + 1] = static_cast<T>(code[byte & 0xF] * scale);
+        }
+        if (e < e1) out[e] = static_cast<T>(code[packed[e >> 1] >> 4] * scale);
+      } else {
+        RowColCursor at(e0, fold.cols);
+        for (int64_t e = e0; e < e1; ++e, at.next()) {
+          const uint8_t byte = packed[e >> 1];
+          const float v = code[(e & 1) ? (byte & 0xF) : (byte >> 4)] * scale;
+          const float f = factors[Mode == DequantScaleMode::Rows ? at.row : at.col];
+          out[e] = static_cast<T>(v * f);  // -ffp-contract=off keeps the two roundings apart
+        }
       }
-      if (e < e1) out[e] = static_cast<T>(code[packed[e >> 1] >> 4] * scale);
     }
     if (delta == nullptr) return;
     // While this task's output is still in cache, overwrite its delta elements.
@@ -94,15 +119,27 @@ void dequantize_blocks(const Quant4bitWeight& w, T* out, int64_t numel, const Qu
 
 }  // namespace
 
-void dequantize_4bit_cpu_kernel(const Quant4bitWeight& w, at::Tensor& out) {
+void dequantize_4bit_cpu_kernel(const Quant4bitWeight& w, at::Tensor& out, const DequantScale& scale) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dequantize_4bit_cpu", [&] {
-    dequantize_blocks<scalar_t>(w, out.data_ptr<scalar_t>(), out.numel(), nullptr);
+    scalar_t* ptr = out.data_ptr<scalar_t>();
+    switch (scale.mode) {
+      case DequantScaleMode::None:
+        dequantize_blocks<scalar_t, DequantScaleMode::None>(w, ptr, out.numel(), scale, nullptr);
+        break;
+      case DequantScaleMode::Rows:
+        dequantize_blocks<scalar_t, DequantScaleMode::Rows>(w, ptr, out.numel(), scale, nullptr);
+        break;
+      case DequantScaleMode::Cols:
+        dequantize_blocks<scalar_t, DequantScaleMode::Cols>(w, ptr, out.numel(), scale, nullptr);
+        break;
+    }
   });
 }
 
 void dequantize_4bit_add_delta_cpu_kernel(const Quant4bitWeight& w, const Quant4bitDelta& delta, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dequantize_4bit_add_delta_cpu", [&] {
-    dequantize_blocks<scalar_t>(w, out.data_ptr<scalar_t>(), out.numel(), &delta);
+    dequantize_blocks<scalar_t, DequantScaleMode::None>(w, out.data_ptr<scalar_t>(), out.numel(), DequantScale{},
+                                                        &delta);
   });
 }
 

@@ -1,11 +1,13 @@
 // CUDA dequantization of bitsandbytes 4-bit weights, bit-exact with bitsandbytes, one launch
-// including the double-quantized absmax; optionally followed by a launch that adds a sparse delta
-// to listed elements before their rounding (sparse fine-tuning, see csrc/sparse_delta).
+// including the double-quantized absmax; optionally with a row or column factor folded in
+// (DequantScale; (IA)^3), or followed by a launch that adds a sparse delta to listed elements before
+// their rounding (sparse fine-tuning, see csrc/sparse_delta).
 //
 // Each thread turns 8 packed bytes into 16 outputs. Blocksizes are multiples of 16, so the 16
 // outputs share one scale, computed once. Loads are 64-bit and stores 128-bit when aligned; the
 // kernel is bound by the 2-4 bytes written per output, so that is what is vectorised.
 #include <ATen/Dispatch.h>
+#include <type_traits>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -35,13 +37,13 @@ __device__ __forceinline__ float block_scale(int64_t b, const float* __restrict_
   return absmax_f[b];
 }
 
-template <typename T, bool Nested>
+template <typename T, bool Nested, DequantScaleMode Mode>
 __global__ void __launch_bounds__(kThreads)
 dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax_f,
                        const uint8_t* __restrict__ absmax_q, const float* __restrict__ nested_absmax,
                        const float* __restrict__ nested_code, const float* __restrict__ nested_offset,
                        CodeBook book, int blocksize_log2, int64_t nested_blocksize, T* __restrict__ out,
-                       int64_t numel, bool vector_io) {
+                       int64_t numel, bool vector_io, const float* __restrict__ factors, int64_t cols) {
   // Codes are indexed by data, so they live in shared memory (constant memory would serialise).
   __shared__ float s_code[16];
   __shared__ float s_nested_code[Nested ? 256 : 1];
@@ -71,10 +73,27 @@ dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restri
     }
 
     alignas(16) T vals[kOutPerThread];
+    if (Mode == DequantScaleMode::None) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      vals[2 * i] = static_cast<T>(__fmul_rn(s_code[bytes[i] >> 4], scale));
-      vals[2 * i + 1] = static_cast<T>(__fmul_rn(s_code[bytes[i] & 0xF], scale));
+      for (int i = 0; i < 8; ++i) {
+        vals[2 * i] = static_cast<T>(__fmul_rn(s_code[bytes[i] >> 4], scale));
+        vals[2 * i + 1] = static_cast<T>(__fmul_rn(s_code[bytes[i] & 0xF], scale));
+      }
+    } else {
+      // One division per thread, then the 16 outputs walk the row (cols may be < 16).
+      int64_t row = e0 / cols, col = e0 - (e0 / cols) * cols;
+#pragma unroll
+      for (int i = 0; i < kOutPerThread; ++i) {
+        const uint8_t q = (i & 1) ? (bytes[i >> 1] & 0xF) : (bytes[i >> 1] >> 4);
+        // Past numel (the tail of the last group) row may run off the factors: not loaded, never stored.
+        const int64_t idx = Mode == DequantScaleMode::Rows ? row : col;
+        const float f = (e0 + i < numel) ? __ldg(factors + idx) : 0.0f;
+        vals[i] = static_cast<T>(__fmul_rn(__fmul_rn(s_code[q], scale), f));
+        if (++col == cols) {
+          col = 0;
+          ++row;
+        }
+      }
     }
 
     if (full && vector_io) {
@@ -126,7 +145,7 @@ int log2_exact(int64_t v) {
 
 }  // namespace
 
-void dequantize_4bit_cuda_kernel(const Quant4bitWeight& w, at::Tensor& out) {
+void dequantize_4bit_cuda_kernel(const Quant4bitWeight& w, at::Tensor& out, const DequantScale& fold) {
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t numel = out.numel();
   const int64_t groups = (numel + kOutPerThread - 1) / kOutPerThread;
@@ -137,28 +156,48 @@ void dequantize_4bit_cuda_kernel(const Quant4bitWeight& w, at::Tensor& out) {
   for (int i = 0; i < 16; ++i) book.v[i] = code[i];
   const bool nested = w.nested();
   auto stream = at::cuda::getCurrentCUDAStream();
+  const float* factors = fold.mode == DequantScaleMode::None ? nullptr : fold.factors.data_ptr<float>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dequantize_4bit_cuda", [&] {
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     const uint8_t* packed = w.packed.data_ptr<uint8_t>();
     const bool vector_io = reinterpret_cast<uintptr_t>(out_ptr) % 16 == 0 &&
                            reinterpret_cast<uintptr_t>(packed) % 8 == 0;
+    const uint8_t* absmax_q = nested ? w.absmax.data_ptr<uint8_t>() : nullptr;
+    const float* absmax_f = nested ? nullptr : w.absmax.data_ptr<float>();
+    const float* nested_absmax = nested ? w.nested_absmax.data_ptr<float>() : nullptr;
+    const float* nested_code = nested ? w.nested_code.data_ptr<float>() : nullptr;
+    const float* nested_offset = nested ? w.nested_offset.data_ptr<float>() : nullptr;
+    const int bs_log2 = log2_exact(w.blocksize);
+    auto launch = [&](auto nested_tag, auto mode_tag) {
+      constexpr bool kNested = decltype(nested_tag)::value;
+      constexpr DequantScaleMode kMode = decltype(mode_tag)::value;
+      dequantize_4bit_kernel<scalar_t, kNested, kMode><<<blocks, kThreads, 0, stream>>>(
+          packed, absmax_f, absmax_q, nested_absmax, nested_code, nested_offset, book, bs_log2,
+          w.nested_blocksize, out_ptr, numel, vector_io, factors, fold.cols);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    using NoScale = std::integral_constant<DequantScaleMode, DequantScaleMode::None>;
+    using Rows = std::integral_constant<DequantScaleMode, DequantScaleMode::Rows>;
+    using Cols = std::integral_constant<DequantScaleMode, DequantScaleMode::Cols>;
+    auto with_mode = [&](auto nested_tag) {
+      switch (fold.mode) {
+        case DequantScaleMode::None: launch(nested_tag, NoScale{}); break;
+        case DequantScaleMode::Rows: launch(nested_tag, Rows{}); break;
+        case DequantScaleMode::Cols: launch(nested_tag, Cols{}); break;
+      }
+    };
     if (nested) {
-      dequantize_4bit_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
-          packed, nullptr, w.absmax.data_ptr<uint8_t>(), w.nested_absmax.data_ptr<float>(),
-          w.nested_code.data_ptr<float>(), w.nested_offset.data_ptr<float>(), book,
-          log2_exact(w.blocksize), w.nested_blocksize, out_ptr, numel, vector_io);
+      with_mode(std::true_type{});
     } else {
-      dequantize_4bit_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
-          packed, w.absmax.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, book,
-          log2_exact(w.blocksize), w.nested_blocksize, out_ptr, numel, vector_io);
+      with_mode(std::false_type{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
+
 void dequantize_4bit_add_delta_cuda_kernel(const Quant4bitWeight& w, const Quant4bitDelta& delta, at::Tensor& out) {
-  dequantize_4bit_cuda_kernel(w, out);
+  dequantize_4bit_cuda_kernel(w, out, DequantScale{});
   const int64_t k = delta.indices.numel();
   if (k == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());

@@ -81,31 +81,89 @@ void dequantize_4bit_into(const Quant4bitWeight& w, at::Tensor& out) {
           w.blocksize, w.nested_blocksize, w.type == Quant4bitType::NF4 ? "nf4" : "fp4", out);
 }
 
+void dequantize_4bit_scaled_into(const Quant4bitWeight& w, const at::Tensor& scale, int64_t scale_dim,
+                                 at::Tensor& out) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastpeft::dequantize_4bit_scaled_", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&,
+                                   const c10::optional<at::Tensor>&,
+                                   const c10::optional<at::Tensor>&,
+                                   const c10::optional<at::Tensor>&, int64_t, int64_t,
+                                   c10::string_view, const at::Tensor&, int64_t, at::Tensor&)>();
+  auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+  op.call(w.packed, w.absmax, opt(w.nested_absmax), opt(w.nested_code), opt(w.nested_offset),
+          w.blocksize, w.nested_blocksize, w.type == Quant4bitType::NF4 ? "nf4" : "fp4", scale,
+          scale_dim, out);
+}
+
+namespace {
+
+using DequantKernel = void (*)(const Quant4bitWeight&, at::Tensor&, const DequantScale&);
+
+Quant4bitWeight checked_weight_for_out(const at::Tensor& packed, const at::Tensor& absmax,
+                                       const c10::optional<at::Tensor>& nested_absmax,
+                                       const c10::optional<at::Tensor>& nested_code,
+                                       const c10::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                                       int64_t nested_blocksize, c10::string_view quant_type,
+                                       const at::Tensor& out, const char* op) {
+  check_float(out, op, "out");
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous (it is the workspace the weight is written to)");
+  check_same_device(out, packed, op, "out", "packed");
+  return make_quant4bit_weight(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                               nested_blocksize, parse_quant_type(std::string(quant_type), op), out.numel(), op);
+}
+
 // The op's body on every device: validate, then run the device kernel into `out`.
-template <void (*Kernel)(const Quant4bitWeight&, at::Tensor&)>
+template <DequantKernel Kernel>
 void dequantize_4bit_(const at::Tensor& packed, const at::Tensor& absmax,
                       const c10::optional<at::Tensor>& nested_absmax,
                       const c10::optional<at::Tensor>& nested_code,
                       const c10::optional<at::Tensor>& nested_offset, int64_t blocksize,
                       int64_t nested_blocksize, c10::string_view quant_type, at::Tensor& out) {
   constexpr const char* op = "fastpeft.dequantize_4bit_";
-  check_float(out, op, "out");
-  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous (it is the workspace the weight is written to)");
-  check_same_device(out, packed, op, "out", "packed");
-  const auto w = make_quant4bit_weight(packed, absmax, nested_absmax, nested_code, nested_offset,
-                                       blocksize, nested_blocksize,
-                                       parse_quant_type(std::string(quant_type), op), out.numel(), op);
+  const auto w = checked_weight_for_out(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                                        nested_blocksize, quant_type, out, op);
   if (out.numel() == 0) return;
-  Kernel(w, out);
+  Kernel(w, out, DequantScale{});
 }
+
+// Dequantize with a row or column factor folded in (the (IA)^3 fusion for a single task).
+template <DequantKernel Kernel>
+void dequantize_4bit_scaled_(const at::Tensor& packed, const at::Tensor& absmax,
+                             const c10::optional<at::Tensor>& nested_absmax,
+                             const c10::optional<at::Tensor>& nested_code,
+                             const c10::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                             int64_t nested_blocksize, c10::string_view quant_type, const at::Tensor& scale,
+                             int64_t scale_dim, at::Tensor& out) {
+  constexpr const char* op = "fastpeft.dequantize_4bit_scaled_";
+  check_dim(out, 2, op, "out");
+  TORCH_CHECK(scale_dim == 0 || scale_dim == 1, op, ": scale_dim must be 0 (scale rows) or 1 (scale columns), got ",
+              scale_dim);
+  check_float(scale, op, "scale");
+  check_same_device(scale, out, op, "scale", "out");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == out.size(scale_dim), op, ": scale must be [", out.size(scale_dim),
+              "] (dimension ", scale_dim, " of out ", out.sizes(), "), got ", scale.sizes());
+  const auto w = checked_weight_for_out(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                                        nested_blocksize, quant_type, out, op);
+  if (out.numel() == 0) return;
+  DequantScale s;
+  s.factors = scale.to(at::kFloat).contiguous();
+  s.mode = scale_dim == 0 ? DequantScaleMode::Rows : DequantScaleMode::Cols;
+  s.cols = out.size(1);
+  Kernel(w, out, s);
+}
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
   m.impl("dequantize_4bit_", &dequantize_4bit_<dequantize_4bit_cpu_kernel>);
+  m.impl("dequantize_4bit_scaled_", &dequantize_4bit_scaled_<dequantize_4bit_cpu_kernel>);
 }
 
 #ifdef FASTPEFT_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
   m.impl("dequantize_4bit_", &dequantize_4bit_<dequantize_4bit_cuda_kernel>);
+  m.impl("dequantize_4bit_scaled_", &dequantize_4bit_scaled_<dequantize_4bit_cuda_kernel>);
 }
 #endif
 

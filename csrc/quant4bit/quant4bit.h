@@ -38,14 +38,31 @@ Quant4bitWeight make_quant4bit_weight(const at::Tensor& packed, const at::Tensor
                                       int64_t blocksize, int64_t nested_blocksize,
                                       Quant4bitType type, int64_t numel, const char* op);
 
+// An optional per-row or per-column factor folded into the dequantization, so that scaling the
+// weight (an (IA)^3 vector: diag(l) W or W diag(l)) costs no extra pass over it. The element is
+// computed as code * absmax, then * factor, both rounded in float32, then rounded once to the
+// output dtype: bit-exact with dequantizing to float32, multiplying, and casting.
+enum class DequantScaleMode : int { None = 0, Rows = 1, Cols = 2 };
+
+struct DequantScale {
+  at::Tensor factors;  // float32, contiguous: [rows] for Rows, [cols] for Cols; undefined for None
+  DequantScaleMode mode = DequantScaleMode::None;
+  int64_t cols = 1;  // the weight's row length, to find an element's row and column
+};
+
 // Writes the dequantized weight into `out` (any float dtype; its numel is the weight's numel),
 // through the dispatcher so the device's kernel runs.
 void dequantize_4bit_into(const Quant4bitWeight& w, at::Tensor& out);
 
+// The same with `scale` [rows] (scale_dim 0) or [cols] (scale_dim 1) folded in; `out` is the 2-D
+// [rows, cols] weight buffer.
+void dequantize_4bit_scaled_into(const Quant4bitWeight& w, const at::Tensor& scale, int64_t scale_dim,
+                                 at::Tensor& out);
+
 // Device kernels; `out` is contiguous and already validated.
-void dequantize_4bit_cpu_kernel(const Quant4bitWeight& w, at::Tensor& out);
+void dequantize_4bit_cpu_kernel(const Quant4bitWeight& w, at::Tensor& out, const DequantScale& scale);
 #ifdef FASTPEFT_WITH_CUDA
-void dequantize_4bit_cuda_kernel(const Quant4bitWeight& w, at::Tensor& out);
+void dequantize_4bit_cuda_kernel(const Quant4bitWeight& w, at::Tensor& out, const DequantScale& scale);
 #endif
 
 // A sparse delta added while dequantizing (sparse fine-tuning on a 4-bit base): element

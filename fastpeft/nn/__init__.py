@@ -1,5 +1,7 @@
 """Drop-in nn.Modules built on fastpeft ops."""
 
+from fastpeft.nn.adapter import BottleneckAdapter, BottleneckAdapterStack
+from fastpeft.nn.ia3 import IA3Linear
 from fastpeft.nn.lora import LoRALinear, LoRAProjectionGroup
 from fastpeft.nn.multi_lora import MultiLoRALinear
 from fastpeft.nn.prefix import PrefixEncoder
@@ -7,6 +9,6 @@ from fastpeft.nn.soft_prompt import PromptEncoder, SoftPrompt
 from fastpeft.nn.sparse_delta import SparseDeltaLinear
 
 __all__ = [
-    "LoRALinear", "LoRAProjectionGroup", "MultiLoRALinear", "PrefixEncoder", "PromptEncoder", "SoftPrompt",
-    "SparseDeltaLinear",
+    "BottleneckAdapter", "BottleneckAdapterStack", "IA3Linear", "LoRALinear", "LoRAProjectionGroup",
+    "MultiLoRALinear", "PrefixEncoder", "PromptEncoder", "SoftPrompt", "SparseDeltaLinear",
 ]  # fmt: skip

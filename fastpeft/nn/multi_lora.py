@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastpeft.nn.lora import _is_bnb_linear4bit
+from fastpeft.nn.lora import is_bnb_linear4bit
 from fastpeft.ops.multi_lora import MultiLoRAPlan, multi_lora_linear
 from fastpeft.quant import Quant4bitWeight
 
@@ -45,7 +45,7 @@ class MultiLoRALinear(nn.Module):
             raise TypeError(
                 f"MultiLoRALinear wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got {type(base_layer).__name__}"
             )
-        self.is_4bit = _is_bnb_linear4bit(base_layer)
+        self.is_4bit = is_bnb_linear4bit(base_layer)
         if not self.is_4bit and type(base_layer) is not nn.Linear:
             raise TypeError(
                 f"MultiLoRALinear supports torch.nn.Linear and bitsandbytes.nn.Linear4bit, not {type(base_layer).__name__}"

@@ -1,6 +1,8 @@
 """Typed wrappers of ``torch.ops.fastpeft.*`` with fake kernels, autograd and plain-PyTorch references."""
 
+from fastpeft.ops.adapter import bottleneck_adapter, bottleneck_adapter_reference
 from fastpeft.ops.dropout import dropout_reference, new_seed
+from fastpeft.ops.ia3 import ia3_linear, ia3_linear_reference, ia3_scale, ia3_scale_reference
 from fastpeft.ops.lora import lora_linear, lora_linear_multi, lora_linear_reference
 from fastpeft.ops.prefix_attention import prefix_attention, prefix_attention_reference
 from fastpeft.ops.multi_lora import MultiLoRAPlan, multi_lora_linear, multi_lora_linear_reference, plan_multi_lora
@@ -9,9 +11,15 @@ from fastpeft.ops.sparse_delta import sparse_delta_linear, sparse_delta_linear_r
 from fastpeft.ops.sparse_optim import sparse_adamw_step, sparse_adamw_step_reference
 
 __all__ = [
+    "bottleneck_adapter",
+    "bottleneck_adapter_reference",
     "dequantize_4bit",
     "dequantize_4bit_reference",
     "dropout_reference",
+    "ia3_linear",
+    "ia3_linear_reference",
+    "ia3_scale",
+    "ia3_scale_reference",
     "lora_linear",
     "lora_linear_multi",
     "lora_linear_reference",

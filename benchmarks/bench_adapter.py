@@ -1,0 +1,168 @@
+"""Bottleneck adapter benchmark: fastpeft's fused op vs the unfused PyTorch module (what the adapters
+library runs: Linear, activation, Linear, scale, residual add) vs the plain-PyTorch reference, with
+the bare residual add as the floor.
+
+Cases: one adapter (Pfeiffer / SeqBn placement, relu), one adapter with layer norm (gelu), a bank
+of N adapters with per-example ids, and a MAD-X stack (language then task adapter). Forward (no
+grad) and forward+backward; median / p20 / p80 ms and the bytes autograd saves (CPU) or the peak
+memory (CUDA).
+
+  python benchmarks/bench_adapter.py                # CPU-scaled shapes
+  python benchmarks/bench_adapter.py --gpu-shapes   # Llama-3-8B hidden size (needs a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.interleaved import time_interleaved  # noqa: E402
+from fastpeft.nn import BottleneckAdapter, BottleneckAdapterStack  # noqa: E402
+from fastpeft.ops import bottleneck_adapter_reference  # noqa: E402
+
+CPU_SHAPES = dict(tokens=2048, seq=128, hidden=768, r=48, bank=8)
+GPU_SHAPES = dict(tokens=16384, seq=512, hidden=4096, r=256, bank=8)
+
+
+class UnfusedAdapter(nn.Module):
+    """The adapters library's Adapter module (LN?, Linear, act, Linear, * scaling, + residual)."""
+
+    def __init__(self, d, r, act, ln_before, dtype, device):
+        super().__init__()
+        self.ln = nn.LayerNorm(d, device=device, dtype=dtype) if ln_before else None
+        self.down = nn.Linear(d, r, device=device, dtype=dtype)
+        self.up = nn.Linear(r, d, device=device, dtype=dtype)
+        self.act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU()}[act]
+        self.scaling = 1.0
+
+    def forward(self, x, residual):
+        h = self.ln(x) if self.ln is not None else x
+        return self.up(self.act(self.down(h))) * self.scaling + residual
+
+
+def ours_from(unfused: UnfusedAdapter, act, dtype, device, index=0, layer=None):
+    layer = layer or BottleneckAdapter(unfused.down.in_features, unfused.down.out_features, act,
+                                       ln_before=unfused.ln is not None, device=device, dtype=dtype)  # fmt: skip
+    layer.load_adapter(index, unfused.down, unfused.up, unfused.ln)
+    return layer
+
+
+def stage_dict(layer: BottleneckAdapter):
+    return dict(down_weight=[layer.down_weight], down_bias=[layer.down_bias], up_weight=[layer.up_weight],
+                up_bias=[layer.up_bias], ln_weight=[layer.ln_weight] if layer.ln_before else None,
+                ln_bias=[layer.ln_bias] if layer.ln_before else None)  # fmt: skip
+
+
+def runner(fn, mode, params, inputs):
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+    g = torch.randn_like(fn())
+
+    def run():
+        for p in (*params, *inputs):
+            p.grad = None
+        fn().backward(g)
+
+    return run
+
+
+def bench(providers, device, mode, inputs, reps):
+    """Interleaved timing of every provider ({name: (fn, params)}); saved bytes on CPU, peak on CUDA."""
+    runs = {name: runner(fn, mode, params, inputs) for name, (fn, params) in providers.items()}
+    stats = time_interleaved(runs, device, warmup=2, reps=reps)
+    for name, (fn, params) in providers.items():
+        stats[name]["peak_bytes"] = common.peak_memory_bytes(runs[name], device)
+        if mode == "fwd+bwd" and not device.startswith("cuda"):
+            stats[name]["saved_bytes"] = common.saved_activation_bytes(fn, exclude=tuple(params))
+    return stats
+
+
+def rows_for(shapes, dtype, device, reps):
+    rows = []
+    M, S, d, r, N = shapes["tokens"], shapes["seq"], shapes["hidden"], shapes["r"], shapes["bank"]
+    B = M // S
+    x = torch.randn(B, S, d, dtype=dtype, device=device, requires_grad=True)
+    h = torch.randn(B, S, d, dtype=dtype, device=device, requires_grad=True)
+    cases = []
+    for act, ln in (("relu", False), ("gelu", True)):
+        unfused = UnfusedAdapter(d, r, act, ln, dtype, device)
+        ours = ours_from(unfused, act, dtype, device)
+        st = stage_dict(ours)
+        ref = lambda st=st, act=act: bottleneck_adapter_reference(x, scalings=[1.0], activation=act, residual=h, **st)
+        cases.append((f"single-{act}{'-ln' if ln else ''}", dict(
+            fastpeft=(lambda ours=ours: ours(x, residual=h), list(ours.parameters())),
+            unfused=(lambda unfused=unfused: unfused(x, h), list(unfused.parameters())),
+            reference=(ref, list(ours.parameters())),
+            floor=(lambda: x + h, []),
+        )))  # fmt: skip
+    # A bank of N adapters, each example its own.
+    unfused_bank = [UnfusedAdapter(d, r, "relu", False, dtype, device) for _ in range(N)]
+    bank = BottleneckAdapter(d, r, "relu", num_adapters=N, device=device, dtype=dtype)
+    for i, u in enumerate(unfused_bank):
+        ours_from(u, "relu", dtype, device, index=i, layer=bank)
+    ids = torch.randint(0, N, (B,), device=device)
+
+    def unfused_loop():  # the plain way: run each adapter on its examples, scatter back
+        out = torch.empty_like(x)
+        for i, u in enumerate(unfused_bank):
+            sel = (ids == i).nonzero().flatten()
+            if sel.numel():
+                out[sel] = u(x[sel], h[sel])
+        return out
+
+    cases.append((f"bank-{N}", dict(
+        fastpeft=(lambda: bank(x, residual=h, adapter_ids=ids), list(bank.parameters())),
+        unfused=(unfused_loop, [p for u in unfused_bank for p in u.parameters()]),
+        floor=(lambda: x + h, []),
+    )))  # fmt: skip
+    # MAD-X stack: a language adapter then a task adapter, each from a bank.
+    lang = BottleneckAdapter(d, r, "relu", num_adapters=N, device=device, dtype=dtype)
+    task = BottleneckAdapter(d, r, "relu", num_adapters=N, device=device, dtype=dtype)
+    stack = BottleneckAdapterStack([lang, task])
+    lang_ids, task_ids = torch.randint(0, N, (B,), device=device), torch.randint(0, N, (B,), device=device)
+    cases.append((f"stack-2x{N}", dict(
+        fastpeft=(lambda: stack(x, adapter_ids=[lang_ids, task_ids]), list(stack.parameters())),
+        two_calls=(lambda: task(lang(x, adapter_ids=lang_ids), adapter_ids=task_ids), list(stack.parameters())),
+        floor=(lambda: x + h, []),
+    )))  # fmt: skip
+    for case, providers in cases:
+        for mode in ("fwd", "fwd+bwd"):
+            for name, st in bench(providers, device, mode, [x, h], reps).items():
+                rows.append(dict(case=case, mode=mode, provider=name, M=M, d=d, r=r, **st))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gpu-shapes", action="store_true")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on shared cores, multi-threaded ops stall on each other's barriers)")
+    args = parser.parse_args()
+    device = args.device
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    shapes = GPU_SHAPES if args.gpu_shapes else CPU_SHAPES
+    reps = args.reps or (50 if device.startswith("cuda") else 10)
+    torch.manual_seed(0)
+    if not device.startswith("cuda"):
+        torch.set_num_threads(args.threads)
+    rows = rows_for(shapes, dtype, device, reps)
+    common.print_table(rows, ["case", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "saved_bytes", "peak_bytes"])
+    name = "bench_adapter" + ("_gpu_shapes" if args.gpu_shapes else "")
+    print("wrote", common.write_results(name, device, rows, extra=dict(shapes=shapes, dtype=str(dtype))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+// Bottleneck adapters, forward and backward, for a chain of stages with banks of adapters.
+//
+// Per stage (h: stage input [M, d], res: its residual, z: [M, r]):
+//   z   = LN(h) Wd^T + bd                  one GEMM; bias added by the GEMM or the epilogue
+//   a~  = [act(z), 1, 0...]                epilogue over [M, r]: activation and a ones column
+//   out = res + s * a~ [Wu | bu | 0]^T     one GEMM that reads res as C (beta = 1): the residual is
+//                                          added in place and the up bias comes with the GEMM
+// Backward keeps per stage only z (the r-wide activation input); LN(h), act(z) and the inputs of
+// later stages are recomputed (GEMMs with the small r, and one layer norm).
+//
+// Banks: with adapter_ids, example b uses entry ids[b] of each bank. The GEMMs then run batched
+// over examples (bmm against the gathered [B, r, d] / [B, d, r] weights) and the weight gradients
+// of the examples that share an entry are summed by a GEMM with the one-hot assignment.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "adapter/adapter.h"
+#include "common/checks.h"
+
+namespace fastpeft {
+
+AdapterActivation parse_adapter_activation(const std::string& name, const char* op) {
+  if (name == "relu") return AdapterActivation::ReLU;
+  if (name == "gelu") return AdapterActivation::GELU;
+  if (name == "silu" || name == "swish") return AdapterActivation::SiLU;
+  TORCH_CHECK(false, op, ": activation must be 'relu', 'gelu' or 'silu' (alias 'swish'), got '", name, "'");
+}
+
+namespace {
+
+constexpr const char* kOp = "fastpeft.bottleneck_adapter";
+
+void down_epilogue(at::Tensor& z, const at::Tensor& bias, const TaskMap& banks, at::Tensor& a_aug,
+                   AdapterActivation act) {
+  if (z.numel() == 0 && a_aug.numel() == 0) return;
+#ifdef FASTPEFT_WITH_CUDA
+  if (z.is_cuda()) return adapter_down_epilogue_cuda(z, bias, banks, a_aug, act);
+#endif
+  adapter_down_epilogue_cpu(z, bias, banks, a_aug, act);
+}
+
+void activation_backward(at::Tensor& grad_a, const at::Tensor& z, AdapterActivation act, double scale) {
+  if (z.numel() == 0) return;
+#ifdef FASTPEFT_WITH_CUDA
+  if (z.is_cuda()) return adapter_activation_backward_cuda(grad_a, z, act, static_cast<float>(scale));
+#endif
+  adapter_activation_backward_cpu(grad_a, z, act, static_cast<float>(scale));
+}
+
+// alpha * a @ b rounded once (beta = 0: the output's old values are ignored, NaNs included).
+at::Tensor mm_scaled(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  return at::addmm_out(out, out, a, b, /*beta=*/0.0, alpha);
+}
+
+at::Tensor bmm_scaled(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  auto out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+  return at::baddbmm_out(out, out, a, b, /*beta=*/0.0, alpha);
+}
+
+int64_t padded_rank(int64_t r) { return (r + 1 + 7) / 8 * 8; }
+
+struct Stage {
+  at::Tensor Wd, bd, Wu, bu, ln_w, ln_b;  // banks [N, ...]; ln_* undefined without layer norm
+  TaskMap banks;
+  double scaling = 1.0;
+  int64_t r = 0;
+  bool banked() const { return !banks.single(); }
+  int64_t N() const { return Wd.size(0); }
+};
+
+struct Chain {
+  std::vector<Stage> stages;
+  AdapterActivation act;
+  double eps;
+  int64_t d = 0;
+};
+
+Chain make_chain(const at::Tensor& x, at::TensorList Wd, at::TensorList bd, at::TensorList Wu, at::TensorList bu,
+                 at::TensorList ln_w, at::TensorList ln_b, const c10::List<c10::optional<at::Tensor>>& ids,
+                 at::ArrayRef<double> scalings, c10::string_view activation, double eps, const char* op) {
+  check_float(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension [..., hidden]");
+  const size_t n = Wd.size();
+  TORCH_CHECK(n >= 1, op, ": down_weight must hold at least one adapter stage");
+  TORCH_CHECK(bd.size() == n && Wu.size() == n && bu.size() == n && ids.size() == n && scalings.size() == n, op,
+              ": down_weight, down_bias, up_weight, up_bias, adapter_ids and scalings need one entry per stage; got ",
+              n, ", ", bd.size(), ", ", Wu.size(), ", ", bu.size(), ", ", ids.size(), ", ", scalings.size());
+  TORCH_CHECK(ln_w.size() == ln_b.size() && (ln_w.empty() || ln_w.size() == n), op,
+              ": ln_weight and ln_bias must both be empty (no layer norm) or hold one bank per stage; got ",
+              ln_w.size(), " and ", ln_b.size(), " for ", n, " stages");
+  TORCH_CHECK(eps > 0.0, op, ": ln_eps must be positive, got ", eps);
+  Chain chain;
+  chain.act = parse_adapter_activation(std::string(activation), op);
+  chain.eps = eps;
+  chain.d = x.size(-1);
+  const int64_t d = chain.d;
+  for (size_t i = 0; i < n; ++i) {
+    const std::string idx = "[" + std::to_string(i) + "]";
+    auto check_bank = [&](const at::Tensor& t, const std::string& name, std::vector<int64_t> shape, int64_t N) {
+      check_dtype(t, x.scalar_type(), op, name + idx, " (the dtype of x; cast the adapter to the compute dtype)");
+      check_same_device(t, x, op, name + idx, "x");
+      shape.insert(shape.begin(), N);
+      TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), op, ": ", name, idx, " must be ", at::IntArrayRef(shape),
+                  " ([num_adapters, ...]), got ", t.sizes());
+    };
+    Stage s;
+    TORCH_CHECK(Wd[i].dim() == 3, op, ": down_weight", idx, " must be 3-D [num_adapters, r, ", d, "], got shape ",
+                Wd[i].sizes());
+    const int64_t N = Wd[i].size(0);
+    s.r = Wd[i].size(1);
+    TORCH_CHECK(N >= 1 && s.r >= 1, op, ": down_weight", idx, " must hold >= 1 adapter of rank r >= 1, got shape ",
+                Wd[i].sizes());
+    check_bank(Wd[i], "down_weight", {s.r, d}, N);
+    check_bank(bd[i], "down_bias", {s.r}, N);
+    check_bank(Wu[i], "up_weight", {d, s.r}, N);
+    check_bank(bu[i], "up_bias", {d}, N);
+    s.Wd = Wd[i].contiguous();
+    s.bd = bd[i].contiguous();
+    s.Wu = Wu[i].contiguous();
+    s.bu = bu[i].contiguous();
+    if (!ln_w.empty()) {
+      check_bank(ln_w[i], "ln_weight", {d}, N);
+      check_bank(ln_b[i], "ln_bias", {d}, N);
+      s.ln_w = ln_w[i].contiguous();
+      s.ln_b = ln_b[i].contiguous();
+    }
+    const std::string ids_name = "adapter_ids" + idx;
+    const std::string bank_name = "down_weight" + idx;
+    s.banks = make_task_map_from_ids(x, N, ids[i], op, ids_name.c_str(), bank_name.c_str());
+    s.scaling = scalings[i];
+    chain.stages.push_back(s);
+  }
+  return chain;
+}
+
+// bank[ids] for a bank [N, ...]: each example's entry, [B, ...]. Row gathers through embedding,
+// which copies whole rows (index_select's CPU path is element-wise and ~100x slower here).
+at::Tensor gather_bank(const at::Tensor& bank, const at::Tensor& ids) {
+  std::vector<int64_t> shape(bank.sizes().begin(), bank.sizes().end());
+  shape[0] = ids.size(0);
+  return at::embedding(bank.reshape({bank.size(0), -1}), ids).view(shape);
+}
+
+// Rows of example b: [B, S, .] views of [M, .] tensors for the batched (banked) GEMMs.
+at::Tensor by_example(const at::Tensor& t, const TaskMap& banks) {
+  return t.view({banks.num_examples, banks.rows_per_example, t.size(-1)});
+}
+
+at::Tensor up_augmented(const Stage& s) {
+  // [N, d, r_pad] = [Wu | bu | 0]
+  const int64_t pad = padded_rank(s.r) - s.r - 1;
+  auto parts = std::vector<at::Tensor>{s.Wu, s.bu.unsqueeze(-1)};
+  if (pad > 0) parts.push_back(at::zeros({s.N(), s.Wu.size(1), pad}, s.Wu.options()));
+  return at::cat(parts, -1);
+}
+
+struct Normed {
+  at::Tensor h;           // LN(h) with the affine of each example's adapter (or h itself)
+  at::Tensor plain;       // LN(h) before the affine (banked layer norm only)
+  at::Tensor mean, rstd;  // layer-norm statistics
+};
+
+// want_plain (backward): also keep the normalised h before the affine, for the affine's gradients.
+Normed normalize(const Stage& s, const at::Tensor& h, double eps, bool want_plain = false) {
+  Normed n;
+  if (!s.ln_w.defined()) {
+    n.h = h;
+    return n;
+  }
+  const int64_t d = h.size(-1);
+  if (!s.banked() && !want_plain) {
+    std::tie(n.h, n.mean, n.rstd) = at::native_layer_norm(h, {d}, s.ln_w[0], s.ln_b[0], eps);
+    return n;
+  }
+  std::tie(n.plain, n.mean, n.rstd) = at::native_layer_norm(h, {d}, c10::nullopt, c10::nullopt, eps);
+  if (!s.banked()) {
+    n.h = at::addcmul(s.ln_b[0], n.plain, s.ln_w[0]);
+    return n;
+  }
+  const auto w = gather_bank(s.ln_w, s.banks.ids).unsqueeze(1);
+  const auto b = gather_bank(s.ln_b, s.banks.ids).unsqueeze(1);
+  n.h = at::addcmul(b, by_example(n.plain, s.banks), w).view(h.sizes());
+  return n;
+}
+
+// z = hn Wd^T + bd (z is what backward keeps) and a~ = [act(z), 1, 0..].
+std::pair<at::Tensor, at::Tensor> down_project(const Stage& s, const at::Tensor& hn, AdapterActivation act) {
+  const int64_t M = hn.size(0);
+  at::Tensor z;
+  at::Tensor bias_for_epilogue;
+  if (!s.banked()) {
+    z = at::addmm(s.bd[0], hn, s.Wd[0].t());
+  } else {
+    const auto W = gather_bank(s.Wd, s.banks.ids);  // [B, r, d]
+    z = at::bmm(by_example(hn, s.banks), W.transpose(1, 2)).view({M, s.r});
+    bias_for_epilogue = s.bd;
+  }
+  auto a_aug = at::empty({M, padded_rank(s.r)}, hn.options());
+  down_epilogue(z, bias_for_epilogue, s.banks, a_aug, act);
+  return {z, a_aug};
+}
+
+// out = res + s * a~ [Wu | bu | 0]^T, the residual read as the GEMM's C operand.
+at::Tensor up_project(const Stage& s, const at::Tensor& a_aug, const at::Tensor& res) {
+  const auto U = up_augmented(s);  // [N, d, r_pad]
+  if (!s.banked()) return at::addmm(res, a_aug, U[0].t(), /*beta=*/1.0, /*alpha=*/s.scaling);
+  const auto Ug = gather_bank(U, s.banks.ids);  // [B, d, r_pad]
+  return at::baddbmm(by_example(res, s.banks), by_example(a_aug, s.banks), Ug.transpose(1, 2), 1.0, s.scaling)
+      .view(res.sizes());
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> bottleneck_adapter(
+    const at::Tensor& x, const c10::optional<at::Tensor>& residual, at::TensorList Wd, at::TensorList bd,
+    at::TensorList Wu, at::TensorList bu, at::TensorList ln_w, at::TensorList ln_b,
+    const c10::List<c10::optional<at::Tensor>>& ids, at::ArrayRef<double> scalings, c10::string_view activation,
+    double eps) {
+  const auto chain = make_chain(x, Wd, bd, Wu, bu, ln_w, ln_b, ids, scalings, activation, eps, kOp);
+  const int64_t d = chain.d;
+  const auto x2 = x.reshape({-1, d}).contiguous();
+  at::Tensor res = x2;
+  if (residual.has_value() && residual->defined()) {
+    check_dtype(*residual, x.scalar_type(), kOp, "residual", " (the dtype of x)");
+    check_same_device(*residual, x, kOp, "residual", "x");
+    TORCH_CHECK(residual->sizes() == x.sizes(), kOp, ": residual must have x's shape ", x.sizes(), ", got ",
+                residual->sizes());
+    res = residual->reshape({-1, d}).contiguous();
+  }
+  std::vector<at::Tensor> saved;
+  at::Tensor h = x2;
+  for (const auto& s : chain.stages) {
+    const auto hn = normalize(s, h, chain.eps).h;
+    auto za = down_project(s, hn, chain.act);
+    saved.push_back(za.first);
+    h = up_project(s, za.second, res);
+    res = h;  // a stacked stage adds onto the previous stage's output
+  }
+  return {h.view(x.sizes()), saved};
+}
+
+at::Tensor sum_per_bank(const at::Tensor& per_example, const Stage& s) {
+  // per_example [B, ...] -> [N, ...], summing the examples that share an adapter: one GEMM with
+  // the [N, B] one-hot assignment (float32 accumulation, one rounding, no atomics).
+  const auto banks = at::arange(s.N(), s.banks.ids.options()).unsqueeze(1);
+  const auto onehot = banks.eq(s.banks.ids.unsqueeze(0)).to(per_example.scalar_type());
+  return at::mm(onehot, per_example.reshape({per_example.size(0), per_example.size(1) * per_example.size(2)}))
+      .view({s.N(), per_example.size(1), per_example.size(2)});
+}
+
+// Gradients of one stage. g: grad of the stage output [M, d]; h: stage input; z: saved.
+struct StageGrads {
+  at::Tensor h;  // through the adapter branch only (the residual's share is g itself)
+  at::Tensor Wd, bd, Wu, bu, ln_w, ln_b;
+};
+
+StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor& h, const at::Tensor& z,
+                          const Chain& chain, bool need_h, bool need_adapter, bool need_ln) {
+  StageGrads out;
+  const int64_t M = h.size(0), d = chain.d, r_pad = padded_rank(s.r);
+  auto a_aug = at::empty({M, r_pad}, h.options());
+  auto z_copy = z;  // epilogue without bias only reads z
+  down_epilogue(z_copy, at::Tensor(), s.banks, a_aug, chain.act);
+  // grad of a~ through the up GEMM, then through the activation: dz = s * (g Wu) * act'(z).
+  at::Tensor dz;
+  if (!s.banked()) {
+    dz = at::mm(g, s.Wu[0]);
+  } else {
+    const auto Wu_g = gather_bank(s.Wu, s.banks.ids);  // [B, d, r]
+    dz = at::bmm(by_example(g, s.banks), Wu_g).view({M, s.r});
+  }
+  activation_backward(dz, z, chain.act, s.scaling);
+  const Normed n = normalize(s, h, chain.eps, /*want_plain=*/true);
+  if (need_adapter) {
+    at::Tensor gU, gWd;
+    if (!s.banked()) {
+      gU = mm_scaled(g.t(), a_aug, s.scaling).unsqueeze(0);  // [1, d, r_pad]: [gWu | gbu | .]
+      gWd = at::mm(dz.t(), n.h).unsqueeze(0);
+    } else {
+      gU = sum_per_bank(bmm_scaled(by_example(g, s.banks).transpose(1, 2), by_example(a_aug, s.banks), s.scaling), s);
+      gWd = sum_per_bank(at::bmm(by_example(dz, s.banks).transpose(1, 2), by_example(n.h, s.banks)), s);
+    }
+    out.Wu = gU.narrow(2, 0, s.r).contiguous();
+    out.bu = gU.select(2, s.r).contiguous();
+    out.Wd = gWd;
+    out.bd = ia3_task_reduce(dz, at::Tensor(), at::Tensor(), s.banks, false, nullptr).to(dz.scalar_type());
+  }
+  if (!need_h && !(need_ln && s.ln_w.defined())) return out;
+  at::Tensor ghn;
+  if (!s.banked()) {
+    ghn = at::mm(dz, s.Wd[0]);
+  } else {
+    ghn = at::bmm(by_example(dz, s.banks), gather_bank(s.Wd, s.banks.ids)).view({M, d});
+  }
+  if (!s.ln_w.defined()) {
+    out.h = ghn;
+    return out;
+  }
+  // Layer norm: hn = plain * w + b with plain the normalised h. The affine's gradients are per-bank
+  // reductions with float32 accumulation (one row-to-bank map for single and banked adapters).
+  const at::Tensor& plain = n.plain;
+  if (need_ln) {
+    out.ln_w = ia3_task_reduce(ghn, plain, at::Tensor(), s.banks, false, nullptr).to(ghn.scalar_type());
+    out.ln_b = ia3_task_reduce(ghn, at::Tensor(), at::Tensor(), s.banks, false, nullptr).to(ghn.scalar_type());
+  }
+  if (need_h) {
+    at::Tensor g_plain;
+    if (!s.banked()) {
+      g_plain = ghn * s.ln_w[0];
+    } else {
+      g_plain = (by_example(ghn, s.banks) * gather_bank(s.ln_w, s.banks.ids).unsqueeze(1)).view({M, d});
+    }
+    out.h = std::get<0>(at::native_layer_norm_backward(g_plain, h, {d}, n.mean, n.rstd, c10::nullopt, c10::nullopt,
+                                                       {true, false, false}));
+  }
+  return out;
+}
+
+// output_mask: [x, residual, adapter weights and biases, layer-norm weights and biases].
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                            at::TensorList saved, at::TensorList Wd, at::TensorList bd, at::TensorList Wu,
+                            at::TensorList bu, at::TensorList ln_w, at::TensorList ln_b,
+                            const c10::List<c10::optional<at::Tensor>>& ids, at::ArrayRef<double> scalings,
+                            c10::string_view activation, double eps, const c10::List<bool>& output_mask) {
+  constexpr const char* op = "fastpeft.bottleneck_adapter_backward";
+  const auto chain = make_chain(x, Wd, bd, Wu, bu, ln_w, ln_b, ids, scalings, activation, eps, op);
+  TORCH_CHECK(output_mask.size() == 4, op, ": output_mask must have 4 entries, got ", output_mask.size());
+  const size_t n = chain.stages.size();
+  TORCH_CHECK(saved.size() == n, op, ": saved must hold one [M, r] tensor per stage, got ", saved.size());
+  const int64_t d = chain.d;
+  const auto x2 = x.reshape({-1, d}).contiguous();
+  const int64_t M = x2.size(0);
+  check_dtype(grad_out, x.scalar_type(), op, "grad_out", " (the dtype of x)");
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(), ", got ",
+              grad_out.sizes());
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(saved[i].dim() == 2 && saved[i].size(0) == M && saved[i].size(1) == chain.stages[i].r, op,
+                ": saved[", i, "] must be [", M, ", ", chain.stages[i].r, "], got ", saved[i].sizes());
+  }
+  const bool has_res = residual.has_value() && residual->defined();
+  const bool need_x = output_mask[0], need_res = output_mask[1] && has_res;
+  const bool need_adapter = output_mask[2];
+  const bool need_ln = output_mask[3] && chain.stages[0].ln_w.defined();
+
+  // Inputs of every stage: x, then each stage's output, recomputed from the saved z (one GEMM each).
+  std::vector<at::Tensor> inputs{x2};
+  at::Tensor res = has_res ? residual->reshape({-1, d}).contiguous() : x2;
+  for (size_t i = 0; i + 1 < n; ++i) {
+    const auto& s = chain.stages[i];
+    auto a_aug = at::empty({M, padded_rank(s.r)}, x2.options());
+    auto z = saved[i].contiguous();
+    down_epilogue(z, at::Tensor(), s.banks, a_aug, chain.act);
+    res = up_project(s, a_aug, res);
+    inputs.push_back(res);
+  }
+
+  std::vector<at::Tensor> gWd(n), gbd(n), gWu(n), gbu(n), gln_w, gln_b;
+  if (need_ln) {
+    gln_w.resize(n);
+    gln_b.resize(n);
+  }
+  at::Tensor g = grad_out.reshape({-1, d}).contiguous();
+  at::Tensor grad_x, grad_res;
+  for (size_t k = n; k-- > 0;) {
+    const bool first = k == 0;
+    const bool need_h = first ? need_x : true;
+    auto sg = stage_backward(chain.stages[k], g, inputs[k], saved[k].contiguous(), chain, need_h, need_adapter, need_ln);
+    if (need_adapter) {
+      gWd[k] = sg.Wd;
+      gbd[k] = sg.bd;
+      gWu[k] = sg.Wu;
+      gbu[k] = sg.bu;
+    }
+    if (need_ln) {
+      gln_w[k] = sg.ln_w;
+      gln_b[k] = sg.ln_b;
+    }
+    if (!first) {
+      g = sg.h.add_(g);  // stage k's input is also its residual
+      continue;
+    }
+    if (has_res) {
+      if (need_res) grad_res = g.clone().view(x.sizes());
+      if (need_x) grad_x = sg.h.view(x.sizes());
+    } else if (need_x) {
+      grad_x = sg.h.add_(g).view(x.sizes());
+    }
+  }
+  if (!grad_x.defined()) grad_x = at::empty({0}, x.options());
+  if (!grad_res.defined()) grad_res = at::empty({0}, x.options());
+  if (!need_adapter) gWd.clear(), gbd.clear(), gWu.clear(), gbu.clear();
+  return {grad_x, grad_res, gWd, gbd, gWu, gbu, gln_w, gln_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("bottleneck_adapter", &bottleneck_adapter);
+  m.impl("bottleneck_adapter_backward", &bottleneck_adapter_backward);
+}
+
+#ifdef FASTPEFT_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
+  m.impl("bottleneck_adapter", &bottleneck_adapter);
+  m.impl("bottleneck_adapter_backward", &bottleneck_adapter_backward);
+}
+#endif
+
+}  // namespace fastpeft

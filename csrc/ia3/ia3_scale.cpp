@@ -1,0 +1,175 @@
+// (IA)^3 scaling ops: y = x * vectors[task(row)], in and out of place, and its backward.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "ia3/ia3.h"
+
+namespace fastpeft {
+
+TaskMap make_task_map(const at::Tensor& x, int64_t d, const at::Tensor& vectors,
+                      const c10::optional<at::Tensor>& task_ids, const char* op) {
+  constexpr const char* vectors_name = "vectors";
+  check_float(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension [..., features]");
+  check_float(vectors, op, vectors_name);
+  TORCH_CHECK(vectors.scalar_type() == at::kFloat || vectors.scalar_type() == x.scalar_type(), op, ": ",
+              vectors_name, " must be float32 or the dtype of x (", x.scalar_type(), "), got ",
+              vectors.scalar_type());
+  check_same_device(vectors, x, op, vectors_name, "x");
+  TORCH_CHECK(vectors.dim() == 2 && vectors.size(1) == d, op, ": ", vectors_name, " must be [num_tasks, ", d,
+              "] (one vector of ", d, " features per task), got ", vectors.sizes());
+  return make_task_map_from_ids(x, vectors.size(0), task_ids, op, "task_ids", "vectors");
+}
+
+TaskMap make_task_map_from_ids(const at::Tensor& x, int64_t num_tasks, const c10::optional<at::Tensor>& task_ids,
+                               const char* op, const char* ids_name, const char* bank_name) {
+  TaskMap map;
+  map.num_tasks = num_tasks;
+  TORCH_CHECK(map.num_tasks >= 1, op, ": ", bank_name, " must hold at least one entry");
+  const int64_t rows = x.size(-1) == 0 ? 0 : x.numel() / x.size(-1);
+  const bool has_ids = task_ids.has_value() && task_ids->defined();
+  if (!has_ids) {
+    TORCH_CHECK(map.num_tasks == 1, op, ": ", bank_name, " holds ", map.num_tasks, " entries, so ", ids_name,
+                " ([batch] index per example) is required");
+    map.num_examples = 1;
+    map.rows_per_example = rows;
+    return map;
+  }
+  const auto& ids = *task_ids;
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op, ": ", ids_name,
+              " must be int64 or int32, got ", ids.scalar_type());
+  TORCH_CHECK(ids.dim() == 1, op, ": ", ids_name, " must be 1-D [batch], got shape ", ids.sizes());
+  TORCH_CHECK(ids.device() == x.device() || ids.device().is_cpu(), op, ": ", ids_name, " is on ", ids.device(),
+              " but x is on ", x.device(), "; pass them on x's device or on the CPU");
+  TORCH_CHECK(x.dim() >= 2 && x.size(0) == ids.size(0), op, ": ", ids_name, " has ", ids.size(0),
+              " entries but x's first (batch) dimension is ", x.dim() >= 2 ? x.size(0) : -1,
+              "; x must be [batch, ..., features] with one index per example");
+  map.num_examples = ids.size(0);
+  map.rows_per_example = map.num_examples == 0 ? 0 : rows / map.num_examples;
+  auto ids64 = ids.to(at::kLong).contiguous();
+  if (ids64.device().is_cpu() && ids64.numel() > 0) {
+    const int64_t* p = ids64.data_ptr<int64_t>();
+    for (int64_t b = 0; b < ids64.numel(); ++b) {
+      TORCH_CHECK(p[b] >= 0 && p[b] < map.num_tasks, op, ": ", ids_name, "[", b, "] = ", p[b],
+                  " is out of range for ", map.num_tasks, " entries of ", bank_name, " (valid: 0 .. ",
+                  map.num_tasks - 1, ")");
+    }
+  }
+  map.ids = ids64.to(x.device());
+  return map;
+}
+
+void ia3_scale_into(const at::Tensor& x, at::Tensor& out, const at::Tensor& vectors, const TaskMap& tasks) {
+  if (x.numel() == 0) return;
+#ifdef FASTPEFT_WITH_CUDA
+  if (x.is_cuda()) return ia3_scale_cuda(x, out, vectors, tasks);
+#endif
+  TORCH_CHECK(x.device().is_cpu(), "fastpeft (IA)^3: no kernel for device ", x.device());
+  ia3_scale_cpu(x, out, vectors, tasks);
+}
+
+at::Tensor ia3_task_reduce(const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& vectors,
+                           const TaskMap& tasks, bool divide, at::Tensor* scaled_out) {
+  if (grad.numel() == 0 || grad.size(-1) == 0)
+    return at::zeros({tasks.num_tasks, grad.size(-1)}, grad.options().dtype(at::kFloat));
+#ifdef FASTPEFT_WITH_CUDA
+  if (grad.is_cuda()) {
+    const int64_t d = grad.size(1);
+    TORCH_CHECK(d <= (int64_t(65535) << 5), "fastpeft (IA)^3: rows of more than ", int64_t(65535) << 5,
+                " features are not supported on CUDA, got ", d);
+    TaskReducePlan plan;
+    const int64_t B = tasks.num_examples, S = tasks.rows_per_example;
+    // ~1024 chunks of >= 32 rows: enough blocks for the GPU, partial sums small next to [M, d].
+    constexpr int64_t kTargetChunks = 1024, kMinRows = 32;
+    const int64_t by_rows = std::max<int64_t>(1, (S + kMinRows - 1) / kMinRows);
+    const int64_t by_target = std::max<int64_t>(1, (kTargetChunks + B - 1) / B);
+    plan.chunks_per_example = std::max<int64_t>(1, std::min(by_rows, by_target));
+    plan.rows_per_chunk = std::max<int64_t>(1, (S + plan.chunks_per_example - 1) / plan.chunks_per_example);
+    plan.partial = at::empty({B * plan.chunks_per_example, d}, grad.options().dtype(at::kFloat));
+    plan.result = at::empty({tasks.num_tasks, d}, grad.options().dtype(at::kFloat));
+    if (!tasks.single()) {
+      const auto sorted = at::sort(tasks.ids, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      plan.perm = std::get<1>(sorted).contiguous();
+      const auto bounds = at::arange(tasks.num_tasks + 1, tasks.ids.options());
+      plan.offsets = at::searchsorted(std::get<0>(sorted), bounds).contiguous();
+    }
+    ia3_task_reduce_cuda(grad, saved, vectors, tasks, divide, scaled_out, plan);
+    return plan.result;
+  }
+#endif
+  TORCH_CHECK(grad.device().is_cpu(), "fastpeft (IA)^3: no kernel for device ", grad.device());
+  return ia3_task_reduce_cpu(grad, saved, vectors, tasks, divide, scaled_out);
+}
+
+namespace {
+
+constexpr const char* kScaleOp = "fastpeft.ia3_scale";
+constexpr const char* kScaleInplaceOp = "fastpeft.ia3_scale_";
+constexpr const char* kScaleBackwardOp = "fastpeft.ia3_scale_backward";
+
+at::Tensor rows_of(const at::Tensor& t) {
+  const int64_t d = t.size(-1);
+  return t.contiguous().view({d == 0 ? 0 : t.numel() / d, d});
+}
+
+at::Tensor ia3_scale(const at::Tensor& x, const at::Tensor& vectors, const c10::optional<at::Tensor>& task_ids) {
+  const auto tasks = make_task_map(x, x.size(-1), vectors, task_ids, kScaleOp);
+  const auto x2 = rows_of(x);
+  auto out = at::empty_like(x2);
+  ia3_scale_into(x2, out, vectors.contiguous(), tasks);
+  return out.view(x.sizes());
+}
+
+void ia3_scale_(at::Tensor& x, const at::Tensor& vectors, const c10::optional<at::Tensor>& task_ids) {
+  const auto tasks = make_task_map(x, x.size(-1), vectors, task_ids, kScaleInplaceOp);
+  TORCH_CHECK(x.is_contiguous(), kScaleInplaceOp, ": x must be contiguous (it is scaled in place)");
+  auto x2 = x.view({x.size(-1) == 0 ? 0 : x.numel() / x.size(-1), x.size(-1)});
+  ia3_scale_into(x2, x2, vectors.contiguous(), tasks);
+}
+
+// grad_x = grad * vectors[task]; grad_vectors[t] = sum over task t's rows of grad * saved
+// (/ vectors when saved is the scaled output rather than the input).
+std::tuple<at::Tensor, at::Tensor> ia3_scale_backward(const at::Tensor& grad, const at::Tensor& saved,
+                                                      const at::Tensor& vectors,
+                                                      const c10::optional<at::Tensor>& task_ids,
+                                                      bool divide_by_vectors, const c10::List<bool>& output_mask) {
+  const auto tasks = make_task_map(saved, saved.size(-1), vectors, task_ids, kScaleBackwardOp);
+  TORCH_CHECK(output_mask.size() == 2, kScaleBackwardOp, ": output_mask must have 2 entries, got ",
+              output_mask.size());
+  check_dtype(grad, saved.scalar_type(), kScaleBackwardOp, "grad", " (the dtype of saved)");
+  check_same_device(grad, saved, kScaleBackwardOp, "grad", "saved");
+  TORCH_CHECK(grad.sizes() == saved.sizes(), kScaleBackwardOp, ": grad must have saved's shape ", saved.sizes(),
+              ", got ", grad.sizes());
+  const auto g2 = rows_of(grad);
+  const auto v = vectors.contiguous();
+  at::Tensor grad_x = output_mask[0] ? at::empty_like(g2) : at::empty({0}, grad.options());
+  at::Tensor grad_v;
+  if (output_mask[1]) {
+    grad_v = ia3_task_reduce(g2, rows_of(saved), v, tasks, divide_by_vectors, output_mask[0] ? &grad_x : nullptr)
+                 .to(vectors.scalar_type());
+  } else {
+    grad_v = at::empty({0}, vectors.options());
+    if (output_mask[0]) ia3_scale_into(g2, grad_x, v, tasks);
+  }
+  if (output_mask[0]) grad_x = grad_x.view(grad.sizes());
+  return {grad_x, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("ia3_scale", &ia3_scale);
+  m.impl("ia3_scale_", &ia3_scale_);
+  m.impl("ia3_scale_backward", &ia3_scale_backward);
+}
+
+#ifdef FASTPEFT_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
+  m.impl("ia3_scale", &ia3_scale);
+  m.impl("ia3_scale_", &ia3_scale_);
+  m.impl("ia3_scale_backward", &ia3_scale_backward);
+}
+#endif
+
+}  // namespace fastpeft

@@ -1,0 +1,176 @@
+"""(IA)^3 layer on fastpeft's fused op: a drop-in for peft's ``ia3.Linear`` / ``ia3.Linear4bit``."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from fastpeft.ops.ia3 import ia3_linear
+from fastpeft.quant import Quant4bitWeight
+
+
+def is_bnb_linear4bit(module: nn.Module) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+class IA3Linear(nn.Module):
+    """(IA)^3 around a frozen ``torch.nn.Linear`` or ``bitsandbytes.nn.Linear4bit``.
+
+    ``is_feedforward=False`` (keys, values): ``forward(x) = base_layer(x) * l``.
+    ``is_feedforward=True`` (the FFN down-projection): ``forward(x) = base_layer(x * l)``.
+
+    The parameter is named ``ia3_l`` as in HF peft and initialised to ones. With ``num_tasks=None``
+    it has peft's shape ((out_features, 1), or (1, in_features) for feed-forward), so a peft state
+    dict loads as is. With ``num_tasks=T`` it is a bank [T, features]; then
+    ``forward(x, task_ids)`` scales every example ``b`` of ``x`` [B, ..., in] by its own task's
+    vector ``ia3_l[task_ids[b]]`` in one launch, and backward reduces each task's gradient.
+
+    Runs ``fastpeft.ops.ia3_linear``: on a 4-bit base with one task the vector is folded into
+    the dequantization; otherwise the GEMM output is scaled in place (output side) or x is scaled
+    into the GEMM (feed-forward). Backward keeps the output (output side) or x (feed-forward).
+    The vector stays float32 by default (peft's dtype) and the product is taken in float32.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        is_feedforward: bool,
+        num_tasks: Optional[int] = None,
+        init_ia3_weights: bool = True,
+        dtype: Optional[torch.dtype] = torch.float32,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"IA3Linear wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got {type(base_layer).__name__}")
+        self.is_4bit = is_bnb_linear4bit(base_layer)
+        if not self.is_4bit and type(base_layer) is not nn.Linear:
+            raise TypeError(f"IA3Linear supports torch.nn.Linear and bitsandbytes.nn.Linear4bit, not {type(base_layer).__name__}")
+        if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1):
+            raise ValueError(f"num_tasks must be None or an int >= 1, got {num_tasks!r}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.is_feedforward = bool(is_feedforward)
+        self.num_tasks = num_tasks
+        features = self.in_features if self.is_feedforward else self.out_features
+        if num_tasks is None:
+            shape = (1, features) if self.is_feedforward else (features, 1)
+        else:
+            shape = (num_tasks, features)
+        device = base_layer.weight.device
+        self.ia3_l = nn.Parameter(torch.randn(shape, device=device, dtype=dtype))
+        if init_ia3_weights:
+            self.reset_ia3_parameters()
+        self.merged = False
+
+    def reset_ia3_parameters(self) -> None:
+        """peft's init: every vector is ones (the layer starts as the base layer)."""
+        nn.init.ones_(self.ia3_l)
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """The vectors as a bank [T, features] (a view of ``ia3_l``)."""
+        return self.ia3_l if self.num_tasks is not None else self.ia3_l.reshape(1, -1)
+
+    @classmethod
+    def from_peft(cls, peft_layer: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> "IA3Linear":
+        """Wrap a peft ``ia3.Linear`` / ``ia3.Linear4bit``'s base layer with its vectors.
+
+        One adapter name (default: the active one) gives a single-task layer with peft's shape;
+        several names give a bank with one task per name, in order (task i = adapter_names[i]).
+        The base layer is shared, the vectors are copied.
+        """
+        names = list(adapter_names) if adapter_names is not None else list(peft_layer.active_adapters)
+        vecs = [peft_layer.ia3_l[n].detach() for n in names]
+        multi = len(names) > 1
+        layer = cls(peft_layer.get_base_layer(), peft_layer.is_feedforward, num_tasks=len(names) if multi else None,
+                    dtype=vecs[0].dtype)  # fmt: skip
+        with torch.no_grad():
+            if multi:
+                layer.ia3_l.copy_(torch.stack([v.flatten() for v in vecs]))
+            else:
+                layer.ia3_l.copy_(vecs[0])
+        return layer
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if self.is_4bit:
+            return getattr(self.base_layer, "compute_dtype", None) or x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.base_layer.weight.dtype
+
+    def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        if self.num_tasks is not None and self.num_tasks > 1 and task_ids is None:
+            raise ValueError(f"this layer holds {self.num_tasks} task vectors: pass task_ids ([batch] task per example)")
+        dtype = self._compute_dtype(x)
+        bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(dtype)
+        if self.is_4bit:
+            weight = Quant4bitWeight.from_bnb(self.base_layer.weight)
+        else:
+            weight = self.base_layer.weight if self.base_layer.weight.dtype == dtype else self.base_layer.weight.to(dtype)
+        vectors = self.vectors
+        if vectors.dtype not in (torch.float32, dtype):
+            vectors = vectors.to(dtype)
+        out = ia3_linear(x.to(dtype), weight, bias, vectors, task_ids, self.is_feedforward)
+        return out.to(x.dtype) if self.is_4bit else out
+
+    # ---- merge -----------------------------------------------------------------------------------
+
+    def _single_vector(self) -> torch.Tensor:
+        if self.num_tasks not in (None, 1):
+            raise ValueError("merge() folds one task's vector into the weight; this layer holds a bank of tasks")
+        return self.ia3_l.detach().reshape(-1).float()
+
+    def merge(self) -> None:
+        """Fold the vector into a dense base (rows of W and the bias, or columns of W for feed-forward);
+        forward then runs the base layer alone."""
+        if self.is_4bit:
+            raise NotImplementedError("merge() needs a dense base layer: a 4-bit weight cannot hold the scaled weight exactly")
+        if self.merged:
+            return
+        l = self._single_vector()
+        with torch.no_grad():
+            w, b = self.base_layer.weight, self.base_layer.bias
+            if self.is_feedforward:
+                w.copy_((w.float() * l).to(w.dtype))
+            else:
+                w.copy_((w.float() * l[:, None]).to(w.dtype))
+                if b is not None:
+                    b.copy_((b.float() * l).to(b.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Divide the vector out of the base weight again (exact up to the weight dtype's rounding;
+        like peft, a vector entry of 0 cannot be undone)."""
+        if not self.merged:
+            return
+        l = self._single_vector()
+        if bool((l == 0).any()):
+            raise ValueError("cannot unmerge: the (IA)^3 vector has zero entries, so the scaled weight lost information")
+        with torch.no_grad():
+            w, b = self.base_layer.weight, self.base_layer.bias
+            if self.is_feedforward:
+                w.copy_((w.float() / l).to(w.dtype))
+            else:
+                w.copy_((w.float() / l[:, None]).to(w.dtype))
+                if b is not None:
+                    b.copy_((b.float() / l).to(b.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        kind = "nf4/fp4" if self.is_4bit else "dense"
+        side = "feedforward (input)" if self.is_feedforward else "output"
+        return f"{side}, num_tasks={self.num_tasks}, base={kind}"

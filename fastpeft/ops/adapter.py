@@ -1,0 +1,201 @@
+"""Bottleneck adapters (Houlsby et al. 2019, Pfeiffer et al. 2020) as one fused op.
+
+``torch.ops.fastpeft.bottleneck_adapter`` runs a chain of adapter stages; stage ``i`` maps ``h`` to
+``h + scaling_i * (act(LN_i(h) Wd_i^T + bd_i) Wu_i^T + bu_i)`` (the first stage adds onto
+``residual`` when one is given, as the ``adapters`` library's SeqBn placement does). A chain of two
+is MAD-X's language adapter followed by a task adapter. Every stage's weights are banks of ``N``
+adapters, and ``adapter_ids`` [B] picks each example's adapter, so a batch can mix languages/tasks.
+
+Fusion: the down-projection bias and activation run in one epilogue pass over the [M, r]
+GEMM output; the up-projection GEMM reads the residual as its C operand (beta = 1) and adds its
+bias through a ones column, so the output is written once. Saved for backward: per stage the
+[M, r] pre-activation (the r-wide activation input), plus x (and the residual for a chain of two
+or more); LN(h), act(z) and later stages' inputs are recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("relu", "gelu", "silu", "swish")
+
+# ---- fake kernel and autograd --------------------------------------------------------------------
+
+
+@torch.library.register_fake("fastpeft::bottleneck_adapter")
+def _(x, residual, down_weight, down_bias, up_weight, up_bias, ln_weight, ln_bias, adapter_ids, scalings,
+      activation, ln_eps):  # fmt: skip
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty(x.shape), [x.new_empty((rows, w.shape[1])) for w in down_weight]
+
+
+@torch.library.register_fake("fastpeft::bottleneck_adapter_backward")
+def _(grad_out, x, residual, saved, down_weight, down_bias, up_weight, up_bias, ln_weight, ln_bias, adapter_ids,
+      scalings, activation, ln_eps, output_mask):  # fmt: skip
+    need_x, need_res, need_adapter, need_ln = output_mask
+    like = lambda ts: [t.new_empty(t.shape) for t in ts]  # noqa: E731
+    return (
+        x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+        x.new_empty(x.shape) if (need_res and residual is not None) else x.new_empty((0,)),
+        like(down_weight) if need_adapter else [],
+        like(down_bias) if need_adapter else [],
+        like(up_weight) if need_adapter else [],
+        like(up_bias) if need_adapter else [],
+        like(ln_weight) if (need_ln and ln_weight) else [],
+        like(ln_bias) if (need_ln and ln_weight) else [],
+    )
+
+
+def _any(flag) -> bool:
+    return any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
+
+
+def _setup(ctx, inputs, output):
+    x, residual, Wd, bd, Wu, bu, ln_w, ln_b, ids, scalings, activation, eps = inputs
+    n = len(Wd)
+    ctx.n = n
+    ctx.n_ln = len(ln_w)
+    ctx.scalings, ctx.activation, ctx.eps = list(scalings), activation, eps
+    ctx.has_res = residual is not None
+    ctx.ids_is_list = isinstance(ids, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in ids)
+    ctx.ids = list(ids)  # int tensors, never differentiable; kept as references
+    saved = output[1]
+    ctx.mark_non_differentiable(*saved)
+    # The residual is only needed to recompute the input of a second stage.
+    keep_res = residual if (residual is not None and n > 1) else None
+    ctx.save_for_backward(x, keep_res, *saved, *Wd, *bd, *Wu, *bu, *ln_w, *ln_b)
+
+
+def _backward(ctx, grad_out, _grad_saved):
+    x, res, *rest = ctx.saved_tensors
+    n, n_ln = ctx.n, ctx.n_ln
+    saved, rest = rest[:n], rest[n:]
+    Wd, bd, Wu, bu = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n], rest[3 * n : 4 * n]
+    ln_w, ln_b = rest[4 * n : 4 * n + n_ln], rest[4 * n + n_ln :]
+    need = ctx.needs_input_grad
+    need_x, need_res = bool(need[0]), bool(need[1])
+    need_adapter = any(_any(need[i]) for i in (2, 3, 4, 5))
+    need_ln = _any(need[6]) or _any(need[7])
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    if ctx.has_res and res is None:
+        res = x  # one stage: the residual is never read in backward; any tensor of x's shape will do
+    gx, gres, gWd, gbd, gWu, gbu, glw, glb = torch.ops.fastpeft.bottleneck_adapter_backward(
+        grad_out, x, res if ctx.has_res else None, list(saved), list(Wd), list(bd), list(Wu), list(bu), list(ln_w),
+        list(ln_b), ctx.ids, ctx.scalings, ctx.activation, ctx.eps, [need_x, need_res, need_adapter, need_ln],
+    )  # fmt: skip
+    lst = lambda g, flag: list(g) if flag else [None] * n  # noqa: E731
+    ln_grads = lambda g: (list(g) if (need_ln and n_ln) else [None] * n_ln)  # noqa: E731
+    return (
+        gx if need_x else None,
+        gres if (need_res and ctx.has_res) else None,
+        lst(gWd, need_adapter),
+        lst(gbd, need_adapter),
+        lst(gWu, need_adapter),
+        lst(gbu, need_adapter),
+        ln_grads(glw),
+        ln_grads(glb),
+        [None] * len(ctx.ids) if ctx.ids_is_list else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("fastpeft::bottleneck_adapter", _backward, setup_context=_setup)
+
+# ---- public functions ----------------------------------------------------------------------------
+
+
+def _as_bank(t: torch.Tensor, dims: int) -> torch.Tensor:
+    return t.unsqueeze(0) if t.dim() == dims else t
+
+
+def bottleneck_adapter(
+    x: torch.Tensor,
+    down_weight: Sequence[torch.Tensor],
+    down_bias: Sequence[torch.Tensor],
+    up_weight: Sequence[torch.Tensor],
+    up_bias: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    activation: str = "relu",
+    residual: Optional[torch.Tensor] = None,
+    ln_weight: Optional[Sequence[torch.Tensor]] = None,
+    ln_bias: Optional[Sequence[torch.Tensor]] = None,
+    adapter_ids: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    ln_eps: float = 1e-5,
+) -> torch.Tensor:
+    """A chain of bottleneck adapters in one fused op; returns the last stage's output.
+
+    Stage ``i``: ``h <- res + scaling_i * (act(LN_i(h) Wd_i^T + bd_i) Wu_i^T + bu_i)`` with ``res = h``,
+    except that the first stage adds onto ``residual`` when given (its input is then ``x``).
+    Weights per stage: ``down_weight`` [r, d] or a bank [N, r, d], ``down_bias`` [r] / [N, r],
+    ``up_weight`` [d, r] / [N, d, r], ``up_bias`` [d] / [N, d], optional layer norm ``ln_weight``,
+    ``ln_bias`` [d] / [N, d] for every stage or none; ``adapter_ids[i]`` [B] picks each example's
+    adapter from bank ``i`` (``None`` when N == 1). ``activation`` is relu, gelu (erf) or silu
+    (alias swish). All tensors in x's dtype and on x's device; x is [B, ..., d].
+    Saves per stage the [M, r] pre-activation; everything wider is recomputed in backward.
+    """
+    n = len(down_weight)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if adapter_ids is None:
+        adapter_ids = [None] * n
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("ln_weight and ln_bias must be given together")
+    ln_weight = [_as_bank(t, 1) for t in (ln_weight or [])]
+    ln_bias = [_as_bank(t, 1) for t in (ln_bias or [])]
+    out, _ = torch.ops.fastpeft.bottleneck_adapter(
+        x, residual,
+        [_as_bank(t, 2) for t in down_weight], [_as_bank(t, 1) for t in down_bias],
+        [_as_bank(t, 2) for t in up_weight], [_as_bank(t, 1) for t in up_bias],
+        ln_weight, ln_bias, list(adapter_ids), [float(s) for s in scalings], activation, float(ln_eps),
+    )  # fmt: skip
+    return out
+
+
+def _activation_reference(name: str):
+    return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu}[name]
+
+
+def _per_example(t: torch.Tensor, ids: Optional[torch.Tensor], x: torch.Tensor, dims: int) -> torch.Tensor:
+    """Bank entry of each example, shaped to broadcast against x [B, ..., d] (ids None: entry 0)."""
+    t = _as_bank(t, dims)
+    if ids is None:
+        return t[0]
+    g = t[ids.to(t.device).long()]  # [B, *entry]
+    return g.view(g.shape[0], *([1] * (x.dim() - 2)), *g.shape[1:])
+
+
+def bottleneck_adapter_reference(
+    x, down_weight, down_bias, up_weight, up_bias, scalings, activation="relu", residual=None, ln_weight=None,
+    ln_bias=None, adapter_ids=None, ln_eps=1e-5,
+):  # fmt: skip
+    """Plain-PyTorch ``bottleneck_adapter``: the unfused module, one example's adapter at a time."""
+    act = _activation_reference(activation)
+    n = len(down_weight)
+    adapter_ids = adapter_ids or [None] * n
+    h, res = x, (residual if residual is not None else x)
+    for i in range(n):
+        ids = adapter_ids[i]
+        hn = h
+        if ln_weight is not None:
+            hn = F.layer_norm(h, (h.shape[-1],), eps=ln_eps)
+            hn = hn * _per_example(ln_weight[i], ids, x, 1) + _per_example(ln_bias[i], ids, x, 1)
+        Wd, bd = _per_example(down_weight[i], ids, x, 2), _per_example(down_bias[i], ids, x, 1)
+        Wu, bu = _per_example(up_weight[i], ids, x, 2), _per_example(up_bias[i], ids, x, 1)
+        if ids is None:
+            z = F.linear(hn, Wd, bd)
+            up = F.linear(act(z), Wu, bu)
+        else:  # per-example weights: [B, S, d] @ [B, d, r]
+            flat = lambda t: t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])  # noqa: E731
+            bmm = lambda t, W: flat(t) @ W.reshape(W.shape[0], *W.shape[-2:]).transpose(1, 2)  # noqa: E731
+            z = bmm(hn, Wd).view(*hn.shape[:-1], Wd.shape[-2]) + bd
+            up = bmm(act(z), Wu).view(*h.shape[:-1], Wu.shape[-2]) + bu
+        h = res + scalings[i] * up
+        res = h
+    return h
