@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <string>
 #include <vector>
 
 #include "common/dropout_mask.h"
@@ -24,6 +25,15 @@ struct FrozenWeights {
   // workspace, valid until the next materialize() on this thread.
   at::Tensor materialize(size_t i, int64_t in_features, at::ScalarType dtype, at::Device device) const;
 };
+
+// Append one frozen weight for an input x [..., K], checked against x (dtype, device, shape);
+// errors name `op` and the argument as `name`. Shared by every op that takes frozen weights.
+void add_dense_weight(FrozenWeights& W, const at::Tensor& x, const at::Tensor& weight, const char* op,
+                      const std::string& name);
+void add_quant4bit_weight(FrozenWeights& W, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                          const c10::optional<at::Tensor>& nested_offset, int64_t out_features, int64_t blocksize,
+                          int64_t nested_blocksize, Quant4bitType type, const char* op, const std::string& name);
 
 // Dropout-fused kernels. Shapes: x [M, K], lora_A [R, K], grad_shrink [M, R], grad_x [M, K]; all
 // contiguous, one float dtype, validated by the op bodies in lora_dropout.cpp.

@@ -15,17 +15,9 @@
 #include <array>
 
 #include "common/checks.h"
-#include "common/workspace.h"
 #include "lora/lora.h"
 
 namespace fastpeft {
-
-at::Tensor FrozenWeights::materialize(size_t i, int64_t in_features, at::ScalarType dtype, at::Device device) const {
-  if (!quantized()) return dense[i];
-  auto w = dequant_workspace(out_features[i] * in_features, dtype, device).view({out_features[i], in_features});
-  dequantize_4bit_into(quant[i], w);
-  return w;
-}
 
 namespace {
 
@@ -71,17 +63,6 @@ LoraArgs check_lora_args(const at::Tensor& x, const FrozenWeights& W, at::Tensor
   return args;
 }
 
-void check_dense_weights(const at::Tensor& x, at::TensorList weights) {
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const std::string name = "weights[" + std::to_string(i) + "]";
-    check_dim(weights[i], 2, kOp, name);
-    check_dtype(weights[i], x.scalar_type(), kOp, name, " (the dtype of x)");
-    check_same_device(weights[i], x, kOp, name, "x");
-    TORCH_CHECK(weights[i].size(1) == x.size(-1), kOp, ": ", name, " must be [out_features, ", x.size(-1),
-                "] to match x, got ", weights[i].sizes());
-  }
-}
-
 void check_biases(const at::Tensor& x, const FrozenWeights& W, const c10::List<c10::optional<at::Tensor>>& biases) {
   TORCH_CHECK(biases.size() == W.size(), kOp, ": biases must have one entry (or None) per weight, got ",
               biases.size(), " for ", W.size(), " weights");
@@ -96,12 +77,9 @@ void check_biases(const at::Tensor& x, const FrozenWeights& W, const c10::List<c
   }
 }
 
-FrozenWeights dense_weights(at::TensorList weights) {
+FrozenWeights dense_weights(const at::Tensor& x, at::TensorList weights) {
   FrozenWeights W;
-  for (const auto& w : weights) {
-    W.dense.push_back(w);
-    W.out_features.push_back(w.dim() == 2 ? w.size(0) : -1);
-  }
+  for (size_t i = 0; i < weights.size(); ++i) add_dense_weight(W, x, weights[i], kOp, "weights[" + std::to_string(i) + "]");
   return W;
 }
 
@@ -119,12 +97,9 @@ FrozenWeights quant_weights(const at::Tensor& x, at::TensorList packed, at::Tens
   const auto type = parse_quant_type(std::string(quant_type), kOp);
   FrozenWeights W;
   for (size_t i = 0; i < n; ++i) {
-    check_same_device(packed[i], x, kOp, "packed[" + std::to_string(i) + "]", "x");
-    TORCH_CHECK(out_features[i] >= 1, kOp, ": out_features[", i, "] must be >= 1, got ", out_features[i]);
-    W.quant.push_back(make_quant4bit_weight(packed[i], absmax[i], nested_absmax[i], nested_code[i],
-                                            nested_offset[i], blocksizes[i], nested_blocksizes[i], type,
-                                            out_features[i] * x.size(-1), kOp));
-    W.out_features.push_back(out_features[i]);
+    add_quant4bit_weight(W, x, packed[i], absmax[i], nested_absmax[i], nested_code[i], nested_offset[i],
+                         out_features[i], blocksizes[i], nested_blocksizes[i], type, kOp,
+                         "packed[" + std::to_string(i) + "]");
   }
   return W;
 }
@@ -280,8 +255,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> lora_linear(
     at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scalings, double dropout_p,
     const c10::optional<at::Tensor>& seed) {
   check_float(x, kOp, "x");
-  check_dense_weights(x, weights);
-  return lora_forward(x, dense_weights(weights), biases, lora_A, lora_B, scalings, dropout_p, seed);
+  return lora_forward(x, dense_weights(x, weights), biases, lora_A, lora_B, scalings, dropout_p, seed);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
@@ -290,9 +264,8 @@ lora_linear_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Te
                      at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scalings, double dropout_p,
                      const c10::optional<at::Tensor>& seed, const c10::List<bool>& output_mask) {
   check_float(x, kOp, "x");
-  check_dense_weights(x, weights);
   TORCH_CHECK(output_mask.size() == 4, kOp, "_backward: output_mask must have 4 entries, got ", output_mask.size());
-  auto g = lora_backward(grad_outs, x, shrink, dense_weights(weights), lora_A, lora_B, scalings, dropout_p, seed,
+  auto g = lora_backward(grad_outs, x, shrink, dense_weights(x, weights), lora_A, lora_B, scalings, dropout_p, seed,
                          {output_mask[0], output_mask[1], output_mask[2], output_mask[3]});
   return {g.x, g.A, g.B, g.weights, g.biases};
 }

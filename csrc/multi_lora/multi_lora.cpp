@@ -158,14 +158,8 @@ void check_bias(const at::Tensor& x, int64_t out_features, const c10::optional<a
 }
 
 FrozenWeights dense_weight(const at::Tensor& x, const at::Tensor& weight) {
-  check_dim(weight, 2, kOp, "weight");
-  check_dtype(weight, x.scalar_type(), kOp, "weight", " (the dtype of x)");
-  check_same_device(weight, x, kOp, "weight", "x");
-  TORCH_CHECK(weight.size(1) == x.size(-1), kOp, ": weight must be [out_features, ", x.size(-1),
-              "] to match x, got ", weight.sizes());
   FrozenWeights W;
-  W.dense.push_back(weight);
-  W.out_features.push_back(weight.size(0));
+  add_dense_weight(W, x, weight, kOp, "weight");
   return W;
 }
 
@@ -174,13 +168,9 @@ FrozenWeights quant_weight(const at::Tensor& x, const at::Tensor& packed, const 
                            const c10::optional<at::Tensor>& nested_code,
                            const c10::optional<at::Tensor>& nested_offset, int64_t out_features, int64_t blocksize,
                            int64_t nested_blocksize, c10::string_view quant_type) {
-  check_same_device(packed, x, kOp, "packed", "x");
-  TORCH_CHECK(out_features >= 1, kOp, ": out_features must be >= 1, got ", out_features);
   FrozenWeights W;
-  W.quant.push_back(make_quant4bit_weight(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
-                                          nested_blocksize, parse_quant_type(std::string(quant_type), kOp),
-                                          out_features * x.size(-1), kOp));
-  W.out_features.push_back(out_features);
+  add_quant4bit_weight(W, x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize,
+                       nested_blocksize, parse_quant_type(std::string(quant_type), kOp), kOp, "packed");
   return W;
 }
 
