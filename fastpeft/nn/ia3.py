@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from fastpeft.nn.lora import compute_dtype
 from fastpeft.ops.ia3 import ia3_linear
 from fastpeft.quant import Quant4bitWeight
 
@@ -103,11 +104,7 @@ class IA3Linear(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if self.is_4bit:
-            return getattr(self.base_layer, "compute_dtype", None) or x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return self.base_layer.weight.dtype
+        return compute_dtype(self.base_layer, x, self.is_4bit)
 
     def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.merged:

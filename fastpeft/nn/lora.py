@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -13,11 +14,13 @@ from fastpeft.quant import Quant4bitWeight
 
 
 def is_bnb_linear4bit(module: nn.Module) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(module, bnb.nn.Linear4bit)
+    # A Linear4bit can only exist once bitsandbytes was imported, so never import it here (slow).
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def _cast(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def is_supported_base(module: nn.Module) -> bool:
@@ -25,32 +28,32 @@ def is_supported_base(module: nn.Module) -> bool:
     return type(module) is nn.Linear or is_bnb_linear4bit(module)
 
 
-def compute_dtype(base_layer: nn.Module, x: torch.Tensor) -> torch.dtype:
+def compute_dtype(base_layer: nn.Module, x: torch.Tensor, is_4bit: bool) -> torch.dtype:
     """The dtype the fused op runs in: the base weight's (the autocast dtype under torch.autocast)
     for a dense base, ``compute_dtype`` (else x's dtype) for a bitsandbytes 4-bit base."""
-    if is_bnb_linear4bit(base_layer):
+    if is_4bit:
         return getattr(base_layer, "compute_dtype", None) or x.dtype
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return base_layer.weight.dtype
 
 
-def fused_lora_args(base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor):
+def fused_lora_args(base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor, is_4bit=None):
     """(compute dtype, frozen weight, bias, A, B) for the fused op; tensors in the compute dtype."""
-    dtype = compute_dtype(base_layer, x)
-    bias = base_layer.bias
-    if is_bnb_linear4bit(base_layer):
-        weight = Quant4bitWeight.from_bnb(base_layer.weight)
-    else:
-        weight = base_layer.weight if base_layer.weight.dtype == dtype else base_layer.weight.to(dtype)
-    return dtype, weight, None if bias is None else bias.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+    if is_4bit is None:
+        is_4bit = is_bnb_linear4bit(base_layer)
+    dtype = compute_dtype(base_layer, x, is_4bit)
+    weight = Quant4bitWeight.from_bnb(base_layer.weight) if is_4bit else _cast(base_layer.weight, dtype)
+    return dtype, weight, _cast(base_layer.bias, dtype), _cast(lora_A, dtype), _cast(lora_B, dtype)
 
 
-def fused_lora_forward(base_layer, lora_A, lora_B, scaling, dropout_p, x):
+def fused_lora_forward(base_layer, lora_A, lora_B, scaling, dropout_p, x, is_4bit=None):
     """``base_layer(x) + scaling * (dropout(x) A^T) B^T`` through the fused op (one projection)."""
-    dtype, weight, bias, A, B = fused_lora_args(base_layer, lora_A, lora_B, x)
-    (out,) = lora_linear_multi(x.to(dtype), [weight], [bias], [A], [B], [scaling], dropout_p)
-    return out.to(x.dtype) if is_bnb_linear4bit(base_layer) else out
+    if is_4bit is None:
+        is_4bit = is_bnb_linear4bit(base_layer)
+    dtype, weight, bias, A, B = fused_lora_args(base_layer, lora_A, lora_B, x, is_4bit)
+    (out,) = lora_linear_multi(_cast(x, dtype), [weight], [bias], [A], [B], [scaling], dropout_p)
+    return _cast(out, x.dtype) if is_4bit else out
 
 
 class LoRALinear(nn.Module):
@@ -135,14 +138,15 @@ class LoRALinear(nn.Module):
     def forward_args(self, x: torch.Tensor):
         """(compute dtype, weight, bias, A, B) for the fused op, all in the compute dtype."""
         self._check_input(x)
-        return fused_lora_args(self.base_layer, self.lora_A.weight, self.lora_B.weight, x)
+        return fused_lora_args(self.base_layer, self.lora_A.weight, self.lora_B.weight, x, self.is_4bit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
         self._check_input(x)
         p = self.lora_dropout if self.training else 0.0
-        return fused_lora_forward(self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, p, x)
+        return fused_lora_forward(self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, p, x,
+                                  self.is_4bit)
 
     # ---- merge -----------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastpeft.nn.lora import is_bnb_linear4bit
+from fastpeft.nn.lora import compute_dtype, is_bnb_linear4bit
 from fastpeft.ops.multi_lora import MultiLoRAPlan, multi_lora_linear
 from fastpeft.quant import Quant4bitWeight
 
@@ -129,11 +129,7 @@ class MultiLoRALinear(nn.Module):
     # ---- forward ----------------------------------------------------------------------------------
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if self.is_4bit:
-            return getattr(self.base_layer, "compute_dtype", None) or x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return self.base_layer.weight.dtype
+        return compute_dtype(self.base_layer, x, self.is_4bit)
 
     def _frozen_weight(self, dtype: torch.dtype):
         if self.is_4bit:

@@ -7,7 +7,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from fastpeft.nn.lora import is_bnb_linear4bit
+from fastpeft.nn.lora import compute_dtype, is_bnb_linear4bit
 from fastpeft.ops.sparse_delta import dense_delta_reference, merged_weight, sparse_delta_linear
 from fastpeft.optim.masks import Mask, index_dtype, validate_indices
 from fastpeft.quant import Quant4bitWeight
@@ -74,11 +74,7 @@ class SparseDeltaLinear(nn.Module):
         return self.indices.numel() / (self.in_features * self.out_features)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if self.is_4bit:
-            return getattr(self.base_layer, "compute_dtype", None) or x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return self.base_layer.weight.dtype
+        return compute_dtype(self.base_layer, x, self.is_4bit)
 
     def frozen_weight(self, dtype: torch.dtype):
         """The base weight as the op takes it: a dense tensor of ``dtype`` or a Quant4bitWeight."""

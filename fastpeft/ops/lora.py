@@ -5,9 +5,9 @@ The ops are ``torch.ops.fastpeft.lora_linear`` (dense W) and ``torch.ops.fastpef
 over the concatenated A matrices). This module registers their fake kernels and autograd, and
 holds the plain-PyTorch reference.
 
-Saved for backward: x and the [M, sum r] shrink output (plus references to the weights). Not
-saved: the dequantized weight (backward dequantizes again), the dropout mask or dropped x
-(regenerated from the seed), any copy of the base output.
+Saved for backward (csrc/lora/lora_autograd.cpp): x and the [M, sum r] shrink output (plus
+references to the weights). Not saved: the dequantized weight (backward dequantizes again), the
+dropout mask or dropped x (regenerated from the seed), any copy of the base output.
 """
 
 from __future__ import annotations
@@ -81,141 +81,19 @@ def _(grad_x, grad_shrink, lora_A, dropout_p, seed):
     return None
 
 
-# ---- autograd ------------------------------------------------------------------------------------
-# Tensor-list arguments come back in needs_input_grad as lists of bools, and their gradients must
-# be lists of the same length; a list holding None is passed as one non-differentiable leaf.
-
-
-def _any(flag) -> bool:
-    return any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
-
-
-def _is_tensor_list(arg) -> bool:
-    return isinstance(arg, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in arg)
-
-
-def _no_grads(arg):
-    return [None] * len(arg) if _is_tensor_list(arg) else None
-
-
-def _save_common(ctx, x, shrink, lora_A, lora_B, scalings, dropout_p, seed, biases, frozen):
-    ctx.mark_non_differentiable(shrink)
-    ctx.n = len(lora_A)
-    ctx.n_frozen = len(frozen)
-    ctx.scalings = list(scalings)
-    ctx.dropout_p = dropout_p
-    ctx.has_seed = seed is not None
-    ctx.biases_is_list = _is_tensor_list(biases)
-    ctx.save_for_backward(x, shrink, *lora_A, *lora_B, *frozen, *([seed] if seed is not None else []))
-
-
-def _load_common(ctx):
-    x, shrink, *rest = ctx.saved_tensors
-    n = ctx.n
-    lora_A, lora_B = rest[:n], rest[n : 2 * n]
-    frozen = rest[2 * n : 2 * n + ctx.n_frozen]
-    seed = rest[-1] if ctx.has_seed else None
-    return x, shrink, list(lora_A), list(lora_B), list(frozen), seed
-
-
-def _grad_outs(grad_outs, x, lora_B):
-    lead = tuple(x.shape[:-1])
-    return [g if g is not None else x.new_zeros((*lead, b.shape[0])) for g, b in zip(grad_outs, lora_B)]
-
-
-def _setup_dense(ctx, inputs, output):
-    x, weights, biases, lora_A, lora_B, scalings, dropout_p, seed = inputs
-    _save_common(ctx, x, output[1], lora_A, lora_B, scalings, dropout_p, seed, biases, weights)
-
-
-def _backward_dense(ctx, grad_outs, _grad_shrink):
-    x, shrink, lora_A, lora_B, weights, seed = _load_common(ctx)
-    need = ctx.needs_input_grad
-    need_x, need_w, need_b = bool(need[0]), _any(need[1]), _any(need[2])
-    need_lora = _any(need[3]) or _any(need[4])
-    gx, gA, gB, gW, gb = torch.ops.fastpeft.lora_linear_backward(
-        _grad_outs(grad_outs, x, lora_B), x, shrink, weights, lora_A, lora_B, ctx.scalings, ctx.dropout_p, seed,
-        [need_x, need_lora, need_w, need_b],
-    )  # fmt: skip
-    n = ctx.n
-    bias_grads = (list(gb) if need_b else [None] * n) if ctx.biases_is_list else None
-    return (
-        gx if need_x else None,
-        list(gW) if need_w else [None] * n,
-        bias_grads,
-        list(gA) if need_lora else [None] * n,
-        list(gB) if need_lora else [None] * n,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd("fastpeft::lora_linear", _backward_dense, setup_context=_setup_dense)
-
-_QUANT_TENSOR_ARGS = slice(1, 6)  # packed, absmax, nested_absmax, nested_code, nested_offset
-
-
-def _setup_4bit(ctx, inputs, output):
-    x = inputs[0]
-    biases, lora_A, lora_B, scalings, dropout_p, seed = inputs[10:]
-    # The quantized weight is saved as the packed tensors it already is; never dequantized here.
-    ctx.quant_lists = [list(a) for a in inputs[_QUANT_TENSOR_ARGS]]
-    ctx.quant_params = inputs[6:10]
-    ctx.quant_specs = [_no_grads(a) for a in inputs[_QUANT_TENSOR_ARGS]]
-    _save_common(ctx, x, output[1], lora_A, lora_B, scalings, dropout_p, seed, biases, [])
-
-
-def _backward_4bit(ctx, grad_outs, _grad_shrink):
-    x, shrink, lora_A, lora_B, _, seed = _load_common(ctx)
-    need = ctx.needs_input_grad
-    need_x, need_b = bool(need[0]), _any(need[10])
-    need_lora = _any(need[11]) or _any(need[12])
-    out_features, blocksizes, nested_blocksizes, quant_type = ctx.quant_params
-    gx, gA, gB, gb = torch.ops.fastpeft.lora_linear_4bit_backward(
-        _grad_outs(grad_outs, x, lora_B), x, shrink, *ctx.quant_lists, out_features, blocksizes, nested_blocksizes,
-        quant_type, lora_A, lora_B, ctx.scalings, ctx.dropout_p, seed, [need_x, need_lora, need_b],
-    )  # fmt: skip
-    n = ctx.n
-    bias_grads = (list(gb) if need_b else [None] * n) if ctx.biases_is_list else None
-    return (
-        gx if need_x else None,
-        *ctx.quant_specs,
-        None,
-        None,
-        None,
-        None,
-        bias_grads,
-        list(gA) if need_lora else [None] * n,
-        list(gB) if need_lora else [None] * n,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd("fastpeft::lora_linear_4bit", _backward_4bit, setup_context=_setup_4bit)
+# Autograd for lora_linear and lora_linear_4bit is registered in C++ (csrc/lora/lora_autograd.cpp):
+# a Python autograd wrapper costs more per call than the layer's kernels on a GPU.
 
 # ---- public functions ----------------------------------------------------------------------------
 
 
-def _biases_for_op(biases, weights, x):
+def _biases_for_op(biases, weights):
     if biases is None:
         return [None] * len(weights)
     biases = list(biases)
     if len(biases) != len(weights):
         raise ValueError(f"biases must have one entry (or None) per weight: {len(biases)} for {len(weights)} weights")
-    present = [b is not None for b in biases]
-    if any(present) and not all(present):
-        # A list mixing None and tensors reaches autograd as one non-differentiable leaf, so the
-        # missing biases become zeros (no gradient) to keep the others differentiable.
-        out_features = [_out_features(w) for w in weights]
-        biases = [b if b is not None else x.new_zeros(o) for b, o in zip(biases, out_features)]
     return biases
-
-
-def _out_features(w: Weight) -> int:
-    return w.shape[0]
 
 
 def lora_linear_multi(
@@ -241,7 +119,7 @@ def lora_linear_multi(
     weights = list(weights)
     if not weights:
         raise ValueError("weights must hold at least one weight")
-    biases = _biases_for_op(biases, weights, x)
+    biases = _biases_for_op(biases, weights)
     scalings = [float(s) for s in scalings]
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
