@@ -72,7 +72,11 @@ def load_config(directory: str):
         raise CheckpointError(f"{path} is not valid JSON (truncated or corrupted?): {exc}") from exc
     if not isinstance(data, dict) or "peft_type" not in data:
         raise CheckpointError(f"{path} has no peft_type; it is not a peft adapter config")
+    from fastpeft.integrations.registry import CONFIG_CLASSES
+
     try:
+        if data["peft_type"] in CONFIG_CLASSES:  # fastpeft's own methods: constructed from the JSON fields
+            return CONFIG_CLASSES[data["peft_type"]](**data)
         return PeftConfig.from_peft_type(**data)
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path} does not describe a valid {data.get('peft_type')} config: {exc}") from exc

@@ -11,6 +11,7 @@ import copy
 
 from torch import nn
 
+from fastpeft.integrations.registry import Injection, register_method
 from fastpeft.nn.lora import LoRALinear, is_supported_base
 
 # LoraConfig fields fastpeft does not implement, with the value that means "off".
@@ -31,14 +32,6 @@ _UNSUPPORTED_OPTIONS = {
     "monteclora_config": None,
     "kasa_config": None,
 }
-
-
-def effective_config(config):
-    """A copy of ``config`` with peft's task defaults applied (SEQ_CLS saves its classifier head)."""
-    config = copy.deepcopy(config)
-    if getattr(config, "task_type", None) == "SEQ_CLS" and not config.modules_to_save:
-        config.modules_to_save = ["classifier", "score"]
-    return config
 
 
 def check_supported(config) -> None:
@@ -132,3 +125,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def unload_lora(model: nn.Module) -> nn.Module:
     """Put every LoRALinear's base layer back in its place, dropping the adapter (no merge)."""
     return _replace_lora_layers(model, merge=False)
+
+
+def _inject(model: nn.Module, config) -> Injection:
+    inject_lora(model, config)
+    return Injection(
+        parameter_names=lora_parameter_names(model),
+        unload=lambda: unload_lora(model),
+        merge_and_unload=lambda: merge_and_unload(model),
+    )
+
+
+register_method("LORA", _inject)

@@ -7,33 +7,16 @@ checkpoints are interchangeable with peft's.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
-from typing import Callable, Dict
 
 import torch
 from torch import nn
 
 from fastpeft.integrations import checkpoint
-from fastpeft.integrations.lora import effective_config, inject_lora, lora_parameter_names, unload_lora
-from fastpeft.integrations.lora import merge_and_unload as merge_lora
-
-# peft_type -> function(model, config) -> names of the adapter parameters it created. Each method
-# family registers its injector here as it lands.
-INJECTORS: Dict[str, Callable] = {}
-
-
-def _inject_lora(model: nn.Module, config) -> list:
-    inject_lora(model, config)
-    return lora_parameter_names(model)
-
-
-INJECTORS["LORA"] = _inject_lora
-
-
-def _peft_type(config) -> str:
-    peft_type = getattr(config, "peft_type", None)
-    return getattr(peft_type, "value", peft_type) or type(config).__name__
+from fastpeft.integrations import lora as _lora  # noqa: F401  (registers the method)
+from fastpeft.integrations.registry import INJECTORS, Injection, peft_type_of
 
 
 def _modules_to_save(model: nn.Module, targets) -> list:
@@ -66,11 +49,13 @@ class FastPeftModel(nn.Module):
     Attribute access falls through to the wrapped model (``config``, ``generate`` ...).
     """
 
-    def __init__(self, model: nn.Module, peft_config, adapter_parameter_names: list):
+    def __init__(self, model: nn.Module, peft_config, injection: Injection):
         super().__init__()
         self.base_model = _TunerModel(model)
         self.peft_config = peft_config
-        self._adapter_parameter_names = list(adapter_parameter_names)
+        self._injection = injection
+        for name, module in injection.owned_modules.items():
+            self.add_module(name, module)
 
     def __getattr__(self, name):
         try:
@@ -79,14 +64,19 @@ class FastPeftModel(nn.Module):
             return getattr(self.base_model.model, name)
 
     def forward(self, *args, **kwargs):
+        if self._injection.forward is not None:
+            return self._injection.forward(self.base_model.model, *args, **kwargs)
         return self.base_model.model(*args, **kwargs)
 
     # ---- parameters --------------------------------------------------------------------------------
 
     def adapter_state_dict(self) -> dict:
-        """The adapter's tensors under peft's checkpoint keys (``base_model.model.<path>...``)."""
+        """The adapter's tensors under peft's checkpoint keys (``base_model.model.<path>...`` for
+        module adapters, ``prompt_embeddings`` for prompt learning), as live parameter views."""
+        if self._injection.state_dict is not None:
+            return self._injection.state_dict()
         params = dict(self.base_model.model.named_parameters())
-        return {checkpoint.PEFT_PREFIX + n: params[n] for n in self._adapter_parameter_names}
+        return {checkpoint.PEFT_PREFIX + n: params[n] for n in self._injection.parameter_names}
 
     def get_nb_trainable_parameters(self) -> tuple:
         """(trainable, all) parameter counts; a 4-bit weight counts its unpacked elements, as peft does."""
@@ -126,11 +116,13 @@ class FastPeftModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Fold the adapters into the (dense) base weights and return the plain transformers model."""
-        return merge_lora(self.base_model.model)
+        if self._injection.merge_and_unload is None:
+            raise NotImplementedError(f"{peft_type_of(self.peft_config)} adapters cannot be merged into the base weights")
+        return self._injection.merge_and_unload()
 
     def unload(self) -> nn.Module:
         """Remove the adapters without merging and return the plain transformers model."""
-        return unload_lora(self.base_model.model)
+        return self._injection.unload()
 
     # ---- training helpers --------------------------------------------------------------------------
 
@@ -148,7 +140,7 @@ def _wrapper_class(model_cls: type) -> type:
     signature to decide which dataset columns to pass (peft gets that by special-casing PeftModel)."""
 
     def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
+        return FastPeftModel.forward(self, *args, **kwargs)
 
     forward.__signature__ = inspect.signature(model_cls.forward)
     forward.__doc__ = f"Calls the wrapped {model_cls.__name__}."
@@ -158,28 +150,39 @@ def _wrapper_class(model_cls: type) -> type:
 def get_peft_model(model: nn.Module, peft_config) -> FastPeftModel:
     """Replace the modules ``peft_config`` targets with fused fastpeft layers; freeze the rest.
 
-    ``peft_config`` is a peft config object (``LoraConfig`` so far; the other method families add
-    theirs). The model may be dense or loaded in 4-bit through ``BitsAndBytesConfig``. Layers are
-    selected with peft's own rules; options fastpeft does not implement, and targeted modules it
-    cannot run, raise before the model is touched.
+    ``peft_config`` is a peft config object or a fastpeft config for a method peft lacks (see
+    ``fastpeft.integrations.registry.INJECTORS`` for the accepted ``peft_type``s). The model may be
+    dense or loaded in 4-bit through ``BitsAndBytesConfig``. Layers are selected with peft's own
+    rules; options fastpeft does not implement, and targeted modules it cannot run, raise before
+    the model is touched.
     """
-    peft_type = _peft_type(peft_config)
+    peft_type = peft_type_of(peft_config)
     if peft_type not in INJECTORS:
         raise NotImplementedError(
             f"fastpeft.get_peft_model supports {sorted(INJECTORS)} configs, got {type(peft_config).__name__}"
         )
-    config = effective_config(peft_config) if peft_type == "LORA" else peft_config
+    config = _with_task_defaults(peft_config)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        names = INJECTORS[peft_type](model, config)
+        injection = INJECTORS[peft_type](model, config)
     except Exception:
         for n, p in model.named_parameters():  # injectors validate before changing modules
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
         raise
-    names += _modules_to_save(model, getattr(config, "modules_to_save", None))
-    return _wrapper_class(type(model))(model, config, names)
+    injection.parameter_names = list(injection.parameter_names) + _modules_to_save(
+        model, getattr(config, "modules_to_save", None)
+    )
+    return _wrapper_class(type(model))(model, config, injection)
+
+
+def _with_task_defaults(config):
+    """A copy of ``config`` with peft's task defaults applied (SEQ_CLS saves its classifier head)."""
+    config = copy.deepcopy(config)
+    if getattr(config, "task_type", None) == "SEQ_CLS" and hasattr(config, "modules_to_save") and not config.modules_to_save:
+        config.modules_to_save = ["classifier", "score"]
+    return config
 
 
 def from_pretrained(model: nn.Module, directory: str) -> FastPeftModel:
@@ -195,7 +198,7 @@ def from_pretrained(model: nn.Module, directory: str) -> FastPeftModel:
     try:
         checkpoint.check_tensors(tensors, fast.adapter_state_dict(), directory)
     except checkpoint.CheckpointError:
-        unload_lora(model)
+        fast.unload()
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad[n])
         raise
