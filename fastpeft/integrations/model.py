@@ -102,13 +102,15 @@ class FastPeftModel(nn.Module):
 
     def load_adapter(self, directory: str) -> None:
         """Load adapter weights saved by fastpeft or peft. Nothing changes unless all of them fit."""
-        tensors = checkpoint.load_tensors(directory)
-        checkpoint.check_tensors(tensors, self.adapter_state_dict(), directory)
-        self._assign_adapter(tensors)
+        self._assign_adapter(checkpoint.load_tensors(directory), directory)
 
     @torch.no_grad()
-    def _assign_adapter(self, tensors: dict) -> None:
+    def _assign_adapter(self, tensors: dict, source: str = "the given state dict") -> None:
+        if self._injection.load_state_dict is not None:
+            self._injection.load_state_dict(tensors)
+            return
         own = self.adapter_state_dict()
+        checkpoint.check_tensors(tensors, own, source)
         for key, value in tensors.items():
             own[key].copy_(value.to(own[key].dtype))
 
@@ -125,6 +127,15 @@ class FastPeftModel(nn.Module):
         return self._injection.unload()
 
     # ---- training helpers --------------------------------------------------------------------------
+
+    def create_optimizer(self, **kwargs) -> torch.optim.Optimizer:
+        """The optimizer this method trains with, over the trainable parameters: ``torch.optim.AdamW``
+        for module adapters, ``fastpeft.optim.SparseMaskedAdamW`` for sparse methods (BitFit,
+        FishMask). ``kwargs`` (lr, betas, eps, weight_decay ...) go to the optimizer."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self._injection.optimizer is not None:
+            return self._injection.optimizer(params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         """Turn on the wrapped model's gradient checkpointing. The embeddings are frozen, so their
@@ -147,14 +158,15 @@ def _wrapper_class(model_cls: type) -> type:
     return type(f"FastPeft{model_cls.__name__}", (FastPeftModel,), {"forward": forward, "__module__": __name__})
 
 
-def get_peft_model(model: nn.Module, peft_config) -> FastPeftModel:
+def get_peft_model(model: nn.Module, peft_config, **method_kwargs) -> FastPeftModel:
     """Replace the modules ``peft_config`` targets with fused fastpeft layers; freeze the rest.
 
     ``peft_config`` is a peft config object or a fastpeft config for a method peft lacks (see
     ``fastpeft.integrations.registry.INJECTORS`` for the accepted ``peft_type``s). The model may be
     dense or loaded in 4-bit through ``BitsAndBytesConfig``. Layers are selected with peft's own
     rules; options fastpeft does not implement, and targeted modules it cannot run, raise before
-    the model is touched.
+    the model is touched. ``method_kwargs`` go to the method's injector (e.g. the calibration
+    batches a FishMask config needs).
     """
     peft_type = peft_type_of(peft_config)
     if peft_type not in INJECTORS:
@@ -166,7 +178,7 @@ def get_peft_model(model: nn.Module, peft_config) -> FastPeftModel:
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        injection = INJECTORS[peft_type](model, config)
+        injection = INJECTORS[peft_type](model, config, **method_kwargs)
     except Exception:
         for n, p in model.named_parameters():  # injectors validate before changing modules
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
@@ -196,11 +208,10 @@ def from_pretrained(model: nn.Module, directory: str) -> FastPeftModel:
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     fast = get_peft_model(model, config)
     try:
-        checkpoint.check_tensors(tensors, fast.adapter_state_dict(), directory)
+        fast._assign_adapter(tensors, directory)  # validates everything before the first copy
     except checkpoint.CheckpointError:
         fast.unload()
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad[n])
         raise
-    fast._assign_adapter(tensors)
     return fast

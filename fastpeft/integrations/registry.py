@@ -31,6 +31,12 @@ class Injection:
     be live views of the parameters: loading copies into them.
     ``forward``: replaces ``model(*args, **kwargs)`` for methods that change the inputs (soft prompts
     prepend virtual tokens); called as ``forward(model, *args, **kwargs)``.
+    ``load_state_dict``: loads checkpoint tensors (as read from the file) for methods whose
+    checkpoint tensors are not live views (sparse deltas); must validate everything first and raise
+    ``CheckpointError`` before changing anything. None: shapes are checked against ``state_dict``'s
+    and the tensors copied into it.
+    ``optimizer``: ``optimizer(params, **kwargs)`` -> the optimizer this method trains with (None:
+    ``torch.optim.AdamW``); sparse methods return ``SparseMaskedAdamW`` over their masks.
     ``owned_modules``: modules the injector created outside the model's own tree (a prompt encoder),
     registered on the FastPeftModel so ``.to()``, ``parameters()`` and optimizers see them.
     """
@@ -40,10 +46,12 @@ class Injection:
     merge_and_unload: Optional[Callable[[], nn.Module]] = None
     state_dict: Optional[Callable[[], dict]] = None
     forward: Optional[Callable] = None
+    load_state_dict: Optional[Callable[[dict], None]] = None
+    optimizer: Optional[Callable] = None
     owned_modules: Dict[str, nn.Module] = dataclasses.field(default_factory=dict)
 
 
-# peft_type -> injector(model, config) -> Injection
+# peft_type -> injector(model, config, **method_kwargs) -> Injection
 INJECTORS: Dict[str, Callable] = {}
 # peft_type -> config class, for fastpeft's own configs (peft's load through PeftConfig)
 CONFIG_CLASSES: Dict[str, type] = {}
