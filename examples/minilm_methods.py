@@ -1,0 +1,84 @@
+"""The fine-tuning methods the main job (finetune_minilm.py) can run, one entry per ``--method``.
+
+A method says which config ``fastpeft.get_peft_model`` gets, whether the base is loaded in NF4 or
+dense, what extra inputs its injector needs (FishMask's calibration batches), and how the peer run
+is built: peft + bitsandbytes where peft has the method, otherwise the plain-PyTorch practice the
+method replaces (for sparse methods: torch AdamW with the gradient multiplied by a dense 0/1 mask).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+# BERT's projections: attention q/k/v and output, MLP in and out (all called "dense" or named so).
+LORA_TARGETS = ["query", "key", "value", "dense"]
+
+
+@dataclasses.dataclass
+class Method:
+    """How the main job runs one method. ``config(args)`` -> the config for get_peft_model;
+    ``peer``: "peft" (peft.get_peft_model with the same config and weights), "masked_adamw" (the
+    dense-masked reference practice) or None; ``quantize``: load the base in NF4 (else dense fp32);
+    ``method_kwargs(model, calibration)`` -> extra keyword arguments for get_peft_model."""
+
+    config: Callable
+    peer: Optional[str] = "peft"
+    quantize: bool = True
+    lr: float = 2e-3
+    method_kwargs: Optional[Callable] = None
+    describe: str = ""
+
+
+def _lora(args):
+    import peft
+
+    return peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                           modules_to_save=["classifier"], task_type="SEQ_CLS")  # fmt: skip
+
+
+def _ia3(args):
+    import peft
+
+    # peft's defaults for BERT: scale keys, values and the FFN output (input side of output.dense).
+    return peft.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"],
+                          modules_to_save=["classifier"], task_type="SEQ_CLS")  # fmt: skip
+
+
+def _prompt(args):
+    import peft
+
+    return peft.PromptTuningConfig(num_virtual_tokens=args.virtual_tokens, task_type="SEQ_CLS")
+
+
+def _prefix(args):
+    import peft
+
+    return peft.PrefixTuningConfig(num_virtual_tokens=args.virtual_tokens, task_type="SEQ_CLS")
+
+
+METHODS = {
+    "lora": Method(_lora, describe="LoRA on every attention and MLP projection"),
+    "ia3": Method(_ia3, lr=1e-2, describe="(IA)^3 vectors on keys, values and the FFN output"),
+    "prompt": Method(_prompt, lr=3e-2, describe="prompt tuning: virtual token embeddings"),
+    "prefix": Method(_prefix, lr=1e-2, describe="prefix tuning: per-layer prefix keys/values"),
+}
+
+
+def peer_model(method: Method, base: nn.Module, fast_model, config):
+    """The comparison run's model, starting from fastpeft's exact adapter weights."""
+    if method.peer == "peft":
+        import peft
+
+        peer = peft.get_peft_model(base, copy.deepcopy(config))
+        peft.set_peft_model_state_dict(peer, {k: v.detach() for k, v in fast_model.adapter_state_dict().items()})
+        return peer
+    raise ValueError(f"unknown peer {method.peer!r}")
+
+
+def peer_optimizer(method: Method, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
