@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/frozen_weights.h"
 #include "common/workspace.h"
 #include "ia3/ia3.h"
 #include "quant4bit/quant4bit.h"
@@ -21,19 +22,14 @@ namespace {
 
 constexpr const char* kOp = "fastpeft.ia3_linear";
 
-struct FrozenBase {
-  at::Tensor dense;      // [O, K] or undefined
-  Quant4bitWeight quant;  // valid when dense is undefined
-  int64_t out_features = 0;
+// The frozen weight plus K, which backward cannot read from x.
+struct FrozenBase : FrozenWeight {
   int64_t in_features = 0;
 
-  bool quantized() const { return !dense.defined(); }
+  FrozenBase(FrozenWeight w, int64_t K) : FrozenWeight(std::move(w)), in_features(K) {}
 
   at::Tensor materialize(int64_t K, const at::Tensor& like) const {
-    if (!quantized()) return dense;
-    auto w = dequant_workspace(out_features * K, like.scalar_type(), like.device()).view({out_features, K});
-    dequantize_4bit_into(quant, w);
-    return w;
+    return FrozenWeight::materialize(K, like.scalar_type(), like.device());
   }
 
   // W with the single task's vector folded in: diag(l) W (dim 0) or W diag(l) (dim 1).
@@ -45,31 +41,17 @@ struct FrozenBase {
 };
 
 FrozenBase dense_base(const at::Tensor& x, const at::Tensor& weight) {
-  check_dim(weight, 2, kOp, "weight");
-  check_dtype(weight, x.scalar_type(), kOp, "weight", " (the dtype of x)");
-  check_same_device(weight, x, kOp, "weight", "x");
-  TORCH_CHECK(weight.size(1) == x.size(-1), kOp, ": weight must be [out_features, ", x.size(-1),
-              "] to match x, got ", weight.sizes());
-  FrozenBase W;
-  W.dense = weight;
-  W.out_features = weight.size(0);
-  W.in_features = weight.size(1);
-  return W;
+  return FrozenBase(frozen_dense_weight(x, weight, kOp, "weight"), x.size(-1));
 }
 
 FrozenBase quant_base(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                       const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
                       const c10::optional<at::Tensor>& nested_offset, int64_t out_features, int64_t blocksize,
                       int64_t nested_blocksize, c10::string_view quant_type) {
-  check_same_device(packed, x, kOp, "packed", "x");
-  TORCH_CHECK(out_features >= 1, kOp, ": out_features must be >= 1, got ", out_features);
-  FrozenBase W;
-  W.quant = make_quant4bit_weight(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
-                                  nested_blocksize, parse_quant_type(std::string(quant_type), kOp),
-                                  out_features * x.size(-1), kOp);
-  W.out_features = out_features;
-  W.in_features = x.size(-1);
-  return W;
+  return FrozenBase(frozen_quant4bit_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features,
+                                            blocksize, nested_blocksize,
+                                            parse_quant_type(std::string(quant_type), kOp), kOp, "packed"),
+                    x.size(-1));
 }
 
 void check_bias(const at::Tensor& x, const FrozenBase& W, const c10::optional<at::Tensor>& bias) {
@@ -190,11 +172,11 @@ std::tuple<at::Tensor, at::Tensor> ia3_linear_backward(const at::Tensor& grad_ou
   check_dim(weight, 2, kOp, "weight");
   check_dtype(weight, saved.scalar_type(), kOp, "weight", " (the dtype of saved)");
   check_same_device(weight, saved, kOp, "weight", "saved");
-  FrozenBase W;
-  W.dense = weight;
-  W.out_features = weight.size(0);
-  W.in_features = weight.size(1);
-  return ia3_backward(grad_out, saved, W, vectors, task_ids, is_feedforward, output_mask);
+  FrozenWeight w;
+  w.dense = weight;
+  w.out_features = weight.size(0);
+  return ia3_backward(grad_out, saved, FrozenBase(std::move(w), weight.size(1)), vectors, task_ids, is_feedforward,
+                      output_mask);
 }
 
 at::Tensor ia3_linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -220,13 +202,13 @@ std::tuple<at::Tensor, at::Tensor> ia3_linear_4bit_backward(
   TORCH_CHECK(out_features >= 1 && in_features >= 0, kOp, ": out_features must be >= 1 and in_features >= 0, got ",
               out_features, ", ", in_features);
   check_same_device(packed, saved, kOp, "packed", "saved");
-  FrozenBase W;
-  W.quant = make_quant4bit_weight(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+  FrozenWeight w;
+  w.quant = make_quant4bit_weight(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
                                   nested_blocksize, parse_quant_type(std::string(quant_type), kOp),
                                   out_features * in_features, kOp);
-  W.out_features = out_features;
-  W.in_features = in_features;
-  return ia3_backward(grad_out, saved, W, vectors, task_ids, is_feedforward, output_mask);
+  w.out_features = out_features;
+  return ia3_backward(grad_out, saved, FrozenBase(std::move(w), in_features), vectors, task_ids, is_feedforward,
+                      output_mask);
 }
 
 }  // namespace

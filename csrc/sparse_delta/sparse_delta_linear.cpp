@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/frozen_weights.h"
 #include "common/workspace.h"
 #include "quant4bit/quant4bit.h"
 #include "sparse_delta/sparse_delta.h"
@@ -20,13 +21,7 @@ namespace {
 
 constexpr const char* kOp = "fastpeft.sparse_delta_linear";
 
-// The frozen weight: dense [O, K] or 4-bit.
-struct FrozenBase {
-  at::Tensor dense;
-  Quant4bitWeight quant;
-  bool quantized = false;
-  int64_t out_features = 0;
-};
+using FrozenBase = FrozenWeight;  // dense [O, K] or 4-bit
 
 void call_sparse_delta_add(at::Tensor& out, const at::Tensor& indices, const at::Tensor& values) {
   static auto op = c10::Dispatcher::singleton()
@@ -60,7 +55,7 @@ at::Tensor materialize(const FrozenBase& base, int64_t in_features, const at::Te
                        const at::Tensor& values32, const at::Tensor& x) {
   auto w = dequant_workspace(base.out_features * in_features, x.scalar_type(), x.device())
                .view({base.out_features, in_features});
-  if (base.quantized) {
+  if (base.quantized()) {
     call_dequantize_add_delta(base.quant, indices, values32, w);
   } else {
     w.copy_(base.dense);
@@ -70,30 +65,15 @@ at::Tensor materialize(const FrozenBase& base, int64_t in_features, const at::Te
 }
 
 FrozenBase dense_base(const at::Tensor& x, const at::Tensor& weight) {
-  check_dim(weight, 2, kOp, "weight");
-  check_dtype(weight, x.scalar_type(), kOp, "weight", " (the dtype of x)");
-  check_same_device(weight, x, kOp, "weight", "x");
-  TORCH_CHECK(weight.size(1) == x.size(-1), kOp, ": weight must be [out_features, ", x.size(-1),
-              "] to match x, got ", weight.sizes());
-  FrozenBase base;
-  base.dense = weight;
-  base.out_features = weight.size(0);
-  return base;
+  return frozen_dense_weight(x, weight, kOp, "weight");
 }
 
 FrozenBase quant_base(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                       const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
                       const c10::optional<at::Tensor>& nested_offset, int64_t out_features, int64_t blocksize,
                       int64_t nested_blocksize, c10::string_view quant_type) {
-  check_same_device(packed, x, kOp, "packed", "x");
-  TORCH_CHECK(out_features >= 1, kOp, ": out_features must be >= 1, got ", out_features);
-  FrozenBase base;
-  base.quant = make_quant4bit_weight(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
-                                     nested_blocksize, parse_quant_type(std::string(quant_type), kOp),
-                                     out_features * x.size(-1), kOp);
-  base.quantized = true;
-  base.out_features = out_features;
-  return base;
+  return frozen_quant4bit_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize,
+                                 nested_blocksize, parse_quant_type(std::string(quant_type), kOp), kOp, "packed");
 }
 
 void check_x(const at::Tensor& x) {
