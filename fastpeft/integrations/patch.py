@@ -1,10 +1,14 @@
-"""``fastpeft.patch(peft_model)``: run an existing peft model's LoRA layers through the fused op.
+"""``fastpeft.patch(peft_model)``: run an existing peft model's LoRA and (IA)^3 layers through the fused ops.
 
 The peft model keeps its modules and parameters (same objects, so optimizers, checkpoints and
-``save_pretrained`` are unaffected); only each LoRA layer's ``forward`` is replaced by one that
-calls ``fastpeft.ops.lora_linear`` with that layer's own weights. ``unpatch`` restores peft's
-forward. Every LoRA layer that cannot be accelerated keeps peft's forward and is reported with its
-reason (in the returned report and as a warning), never skipped silently.
+``save_pretrained`` are unaffected); only each adapter layer's ``forward`` is replaced by one that
+calls fastpeft's fused op (``fastpeft.ops.lora_linear``, ``fastpeft.ops.ia3_linear``) with that
+layer's own weights. ``unpatch`` restores peft's forward. Every adapter layer that cannot be
+accelerated keeps peft's forward and is reported with its reason (in the returned report and as a
+warning), never skipped silently.
+
+Each family is (peft layer class, why-not-fusable, fused forward): LoRA's lives here, (IA)^3's in
+``patch_ia3``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections import Counter
 
 from torch import nn
 
+from fastpeft.integrations import patch_ia3
 from fastpeft.nn.lora import fused_lora_forward, is_supported_base
 
 _MARK = "_fastpeft_patched"
@@ -23,13 +28,18 @@ _MARK = "_fastpeft_patched"
 
 @dataclasses.dataclass
 class PatchReport:
-    """What ``patch`` did: the layers now fused and, per layer left on peft's path, the reason."""
+    """What ``patch`` did: the layers now fused and, per layer left on peft's path, the reason;
+    ``families`` gives each of those layers' adapter family ("LoRA", "IA3")."""
 
     patched: list = dataclasses.field(default_factory=list)
     skipped: dict = dataclasses.field(default_factory=dict)  # module name -> reason
+    families: dict = dataclasses.field(default_factory=dict)  # module name -> family
 
     def summary(self) -> str:
-        lines = [f"fastpeft.patch: {len(self.patched)} LoRA layers fused, {len(self.skipped)} left to peft"]
+        fused = Counter(self.families.get(name, "?") for name in self.patched)
+        per_family = ", ".join(f"{family} {count}" for family, count in sorted(fused.items()))
+        lines = [f"fastpeft.patch: {len(self.patched)} layers fused ({per_family or 'none'}), "
+                 f"{len(self.skipped)} left to peft"]  # fmt: skip
         for reason, count in Counter(self.skipped.values()).most_common():
             lines.append(f"  {count} x {reason}")
         return "\n".join(lines)
@@ -76,19 +86,37 @@ def _fused_forward(self, x, *args, **kwargs):
     )
 
 
-def patch(peft_model: nn.Module, warn: bool = True) -> PatchReport:
-    """Switch every LoRA layer of a peft model to fastpeft's fused kernels, in place."""
+def _families() -> list:
+    """(family, peft layer base class, reason_not_fusable, fused forward) for every family patch knows."""
     from peft.tuners.lora import LoraLayer
 
+    return [
+        ("LoRA", LoraLayer, _reason_not_fusable, _fused_forward),
+        ("IA3", patch_ia3.layer_class(), patch_ia3.reason_not_fusable, patch_ia3.fused_forward),
+    ]
+
+
+def patch(peft_model: nn.Module, warn: bool = True) -> PatchReport:
+    """Switch every LoRA and (IA)^3 layer of a peft model to fastpeft's fused kernels, in place.
+
+    Returns a ``PatchReport``; layers that stay on peft's path are listed there with the reason
+    (and, with ``warn``, in a warning). Patching twice leaves patched layers as they are.
+    """
+    families = _families()
     report = PatchReport()
     for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or getattr(module, _MARK, False):
+        if getattr(module, _MARK, False):
             continue
-        reason = _reason_not_fusable(module)
+        family = next((f for f in families if isinstance(module, f[1])), None)
+        if family is None:
+            continue
+        family_name, _, reason_not_fusable, fused_forward = family
+        report.families[name] = family_name
+        reason = reason_not_fusable(module)
         if reason:
             report.skipped[name] = reason
             continue
-        module.forward = types.MethodType(_fused_forward, module)
+        module.forward = types.MethodType(fused_forward, module)
         setattr(module, _MARK, True)
         report.patched.append(name)
     if warn and report.skipped:

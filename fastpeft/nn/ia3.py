@@ -20,6 +20,39 @@ def is_bnb_linear4bit(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
+def fused_ia3_forward(
+    base_layer: nn.Module,
+    vectors: torch.Tensor,
+    is_feedforward: bool,
+    x: torch.Tensor,
+    task_ids: Optional[torch.Tensor] = None,
+    is_4bit: Optional[bool] = None,
+) -> torch.Tensor:
+    """``base_layer(x) * l`` (or ``base_layer(x * l)`` with ``is_feedforward``) through the fused op.
+
+    ``base_layer`` is a frozen ``torch.nn.Linear`` or bitsandbytes ``Linear4bit``; ``vectors`` a bank
+    [T, features] (any shape with one row of features when ``task_ids`` is None: peft's (out, 1) and
+    (1, in) vectors are flattened). Runs in the base weight's dtype (the autocast dtype under
+    ``torch.autocast``), or the 4-bit layer's ``compute_dtype``, whose output comes back in x's dtype.
+    Differentiable in x and the vectors (a view or product of parameters keeps its graph).
+    """
+    if is_4bit is None:
+        is_4bit = is_bnb_linear4bit(base_layer)
+    if task_ids is None:
+        vectors = vectors.reshape(1, -1)
+    dtype = compute_dtype(base_layer, x, is_4bit)
+    bias = base_layer.bias
+    bias = None if bias is None else bias.to(dtype)
+    if is_4bit:
+        weight = Quant4bitWeight.from_bnb(base_layer.weight)
+    else:
+        weight = base_layer.weight if base_layer.weight.dtype == dtype else base_layer.weight.to(dtype)
+    if vectors.dtype not in (torch.float32, dtype):
+        vectors = vectors.to(dtype)
+    out = ia3_linear(x.to(dtype), weight, bias, vectors, task_ids, is_feedforward)
+    return out.to(x.dtype) if is_4bit else out
+
+
 class IA3Linear(nn.Module):
     """(IA)^3 around a frozen ``torch.nn.Linear`` or ``bitsandbytes.nn.Linear4bit``.
 
@@ -103,26 +136,12 @@ class IA3Linear(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
 
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return compute_dtype(self.base_layer, x, self.is_4bit)
-
     def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
         if self.num_tasks is not None and self.num_tasks > 1 and task_ids is None:
             raise ValueError(f"this layer holds {self.num_tasks} task vectors: pass task_ids ([batch] task per example)")
-        dtype = self._compute_dtype(x)
-        bias = self.base_layer.bias
-        bias = None if bias is None else bias.to(dtype)
-        if self.is_4bit:
-            weight = Quant4bitWeight.from_bnb(self.base_layer.weight)
-        else:
-            weight = self.base_layer.weight if self.base_layer.weight.dtype == dtype else self.base_layer.weight.to(dtype)
-        vectors = self.vectors
-        if vectors.dtype not in (torch.float32, dtype):
-            vectors = vectors.to(dtype)
-        out = ia3_linear(x.to(dtype), weight, bias, vectors, task_ids, self.is_feedforward)
-        return out.to(x.dtype) if self.is_4bit else out
+        return fused_ia3_forward(self.base_layer, self.vectors, self.is_feedforward, x, task_ids, self.is_4bit)
 
     # ---- merge -----------------------------------------------------------------------------------
 
