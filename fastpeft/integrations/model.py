@@ -16,6 +16,7 @@ from torch import nn
 
 from fastpeft.integrations import checkpoint
 from fastpeft.integrations import lora as _lora  # noqa: F401  (registers the method)
+from fastpeft.integrations import adapter as _adapter  # noqa: F401  (registers the method)
 from fastpeft.integrations import ia3 as _ia3  # noqa: F401  (registers the method)
 from fastpeft.integrations.registry import INJECTORS, Injection, peft_type_of
 
