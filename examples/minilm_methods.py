@@ -61,11 +61,21 @@ def _prefix(args):
     return peft.PrefixTuningConfig(num_virtual_tokens=args.virtual_tokens, task_type="SEQ_CLS")
 
 
+def _adapter(args):
+    import fastpeft
+
+    # Pfeiffer placement (one adapter after each FFN output), as the adapters library's SeqBnConfig.
+    return fastpeft.BottleneckAdapterConfig(reduction_factor=16, non_linearity="relu", placement="pfeiffer",
+                                            modules_to_save=["classifier"], task_type="SEQ_CLS")  # fmt: skip
+
+
 METHODS = {
     "lora": Method(_lora, describe="LoRA on every attention and MLP projection"),
     "ia3": Method(_ia3, lr=1e-2, describe="(IA)^3 vectors on keys, values and the FFN output"),
     "prompt": Method(_prompt, lr=3e-2, describe="prompt tuning: virtual token embeddings"),
     "prefix": Method(_prefix, lr=1e-2, describe="prefix tuning: per-layer prefix keys/values"),
+    # No peer: the adapters library does not run with transformers 5.17.
+    "adapter": Method(_adapter, peer=None, describe="Pfeiffer bottleneck adapters after every FFN"),
 }
 
 
