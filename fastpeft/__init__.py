@@ -11,10 +11,12 @@ from fastpeft import nn  # noqa: E402
 from fastpeft import optim  # noqa: E402
 from fastpeft.integrations import FastPeftModel, from_pretrained, get_peft_model, patch, unpatch  # noqa: E402
 from fastpeft.integrations.adapter import BottleneckAdapterConfig  # noqa: E402
+from fastpeft.integrations.sparse import BitFitConfig, FishMaskConfig  # noqa: E402
 
 __all__ = [
     "build_info", "ops", "quant", "nn", "optim",
     "FastPeftModel", "from_pretrained", "get_peft_model", "patch", "unpatch",
     "BottleneckAdapterConfig",
+    "BitFitConfig", "FishMaskConfig",
 ]  # fmt: skip
 __version__ = "0.1.0"

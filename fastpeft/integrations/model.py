@@ -18,6 +18,7 @@ from fastpeft.integrations import checkpoint
 from fastpeft.integrations import lora as _lora  # noqa: F401  (registers the method)
 from fastpeft.integrations import adapter as _adapter  # noqa: F401  (registers the method)
 from fastpeft.integrations import ia3 as _ia3  # noqa: F401  (registers the method)
+from fastpeft.integrations import sparse as _sparse  # noqa: F401  (registers BitFit and FishMask)
 from fastpeft.integrations.registry import INJECTORS, Injection, peft_type_of
 
 
@@ -207,8 +208,11 @@ def from_pretrained(model: nn.Module, directory: str) -> FastPeftModel:
     """
     config = checkpoint.load_config(directory)
     tensors = checkpoint.load_tensors(directory)  # read (and validate) before touching the model
+    # Methods whose injector needs something from the checkpoint (FishMask: its mask) say so.
+    hook = getattr(config, "method_kwargs_from_checkpoint", None)
+    method_kwargs = hook(model, tensors, directory) if hook is not None else {}
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    fast = get_peft_model(model, config)
+    fast = get_peft_model(model, config, **method_kwargs)
     try:
         fast._assign_adapter(tensors, directory)  # validates everything before the first copy
     except checkpoint.CheckpointError:
