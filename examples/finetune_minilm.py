@@ -161,6 +161,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=None, help="default: the method's")
     parser.add_argument("--r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--virtual-tokens", type=int, default=8, help="prompt / prefix length")
+    parser.add_argument("--keep-ratio", type=float, default=0.005, help="FishMask: fraction of weights trained")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-peft", action="store_true", help="skip the peft comparison run")
     parser.add_argument("--results", default=None, help="write a JSON summary here (default: benchmarks/results/...)")
@@ -196,7 +197,7 @@ def main(argv=None):
     peer = peer_model(method, peer_base, model, config) if peer_base is not None else None
 
     torch.manual_seed(args.seed)
-    losses, speed = train(model, model.create_optimizer(lr=lr), train_data, tokenizer, device, args.steps,
+    losses, speed = train(model, model.create_optimizer(lr=lr, **method.optimizer_kwargs), train_data, tokenizer, device, args.steps,
                           args.batch_size, args.seed, "fastpeft")  # fmt: skip
     acc_after = accuracy(model, test_data, tokenizer, device)
     results["fastpeft"] = dict(accuracy_after=acc_after, final_loss=losses[-1], losses=losses, **speed)

@@ -31,6 +31,7 @@ class Method:
     quantize: bool = True
     lr: float = 2e-3
     method_kwargs: Optional[Callable] = None
+    optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
     describe: str = ""
 
 
@@ -69,26 +70,69 @@ def _adapter(args):
                                             modules_to_save=["classifier"], task_type="SEQ_CLS")  # fmt: skip
 
 
+def _bitfit(args):
+    import fastpeft
+
+    return fastpeft.BitFitConfig(which="all", modules_to_save=["classifier"], task_type="SEQ_CLS")
+
+
+def _fishmask(args):
+    import fastpeft
+
+    return fastpeft.FishMaskConfig(keep_ratio=args.keep_ratio, num_samples=64, modules_to_save=["classifier"],
+                                   task_type="SEQ_CLS")  # fmt: skip
+
+
+# Sparse methods train entries of the frozen weights in place; weight decay would be the one
+# difference from the dense-masked practice (it decays untrained entries), so both runs use none.
+NO_DECAY = {"weight_decay": 0.0}
+
 METHODS = {
     "lora": Method(_lora, describe="LoRA on every attention and MLP projection"),
     "ia3": Method(_ia3, lr=1e-2, describe="(IA)^3 vectors on keys, values and the FFN output"),
     "prompt": Method(_prompt, lr=3e-2, describe="prompt tuning: virtual token embeddings"),
     "prefix": Method(_prefix, lr=1e-2, describe="prefix tuning: per-layer prefix keys/values"),
+    "bitfit": Method(_bitfit, peer="masked_adamw", lr=1e-2, optimizer_kwargs=NO_DECAY,
+                     describe="BitFit: every bias term"),
+    # FishMask writes into the weights themselves, which a 4-bit weight cannot take: dense base.
+    "fishmask": Method(_fishmask, peer="masked_adamw", quantize=False, lr=2e-3, optimizer_kwargs=NO_DECAY,
+                       method_kwargs=lambda model, calibration: {"batches": calibration},
+                       describe="FishMask: the weight entries with the largest Fisher information"),
     # No peer: the adapters library does not run with transformers 5.17.
     "adapter": Method(_adapter, peer=None, describe="Pfeiffer bottleneck adapters after every FFN"),
 }
 
 
 def peer_model(method: Method, base: nn.Module, fast_model, config):
-    """The comparison run's model, starting from fastpeft's exact adapter weights."""
+    """The comparison run's model, starting from fastpeft's exact adapter weights. ``base`` is a
+    copy of the model taken before fastpeft touched it."""
     if method.peer == "peft":
         import peft
 
         peer = peft.get_peft_model(base, copy.deepcopy(config))
         peft.set_peft_model_state_dict(peer, {k: v.detach() for k, v in fast_model.adapter_state_dict().items()})
         return peer
+    if method.peer == "masked_adamw":
+        from fastpeft.integrations.sparse import trained_mask
+
+        # The practice sparse fine-tuning code uses: the same entries trainable, every parameter
+        # holding one gets a dense gradient, multiplied by a dense 0/1 mask before AdamW.
+        mask = trained_mask(fast_model)
+        for name, p in base.named_parameters():
+            p.requires_grad_(name in mask)
+        base._dense_masks = {name: mask[name] for name in mask}
+        return base
     raise ValueError(f"unknown peer {method.peer!r}")
 
 
 def peer_optimizer(method: Method, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method.peer != "masked_adamw":
+        return torch.optim.AdamW(params, lr=lr, **method.optimizer_kwargs)
+    from fastpeft.optim.masks import dense_mask_of
+
+    for name, p in model.named_parameters():
+        if name in model._dense_masks:
+            dense = dense_mask_of(model._dense_masks[name], p.detach())
+            p.register_hook(lambda grad, dense=dense: grad * dense)
+    return torch.optim.AdamW(params, lr=lr, **method.optimizer_kwargs)

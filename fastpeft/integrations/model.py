@@ -90,6 +90,8 @@ class FastPeftModel(nn.Module):
                 n *= 2 * (p.quant_storage.itemsize if hasattr(p, "quant_storage") else 1)
             total += n
             trainable += n if p.requires_grad else 0
+        if self._injection.trainable_count is not None:
+            trainable = self._injection.trainable_count()
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

@@ -37,6 +37,8 @@ class Injection:
     and the tensors copied into it.
     ``optimizer``: ``optimizer(params, **kwargs)`` -> the optimizer this method trains with (None:
     ``torch.optim.AdamW``); sparse methods return ``SparseMaskedAdamW`` over their masks.
+    ``trainable_count``: how many entries train, for methods that train parts of tensors (FishMask);
+    None: every element of a parameter with requires_grad counts.
     ``owned_modules``: modules the injector created outside the model's own tree (a prompt encoder),
     registered on the FastPeftModel so ``.to()``, ``parameters()`` and optimizers see them.
     """
@@ -48,6 +50,7 @@ class Injection:
     forward: Optional[Callable] = None
     load_state_dict: Optional[Callable[[dict], None]] = None
     optimizer: Optional[Callable] = None
+    trainable_count: Optional[Callable[[], int]] = None
     owned_modules: Dict[str, nn.Module] = dataclasses.field(default_factory=dict)
 
 

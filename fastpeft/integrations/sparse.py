@@ -188,8 +188,14 @@ def _finish(model: nn.Module, mask: Mask, state_dict=None, load_state_dict=None)
         state_dict=state_dict,
         load_state_dict=load_state_dict,
         optimizer=_optimizer(model, mask),
+        trainable_count=lambda: _trained_entries(model, mask),
         mask=mask,
     )
+
+
+def _trained_entries(model: nn.Module, mask: Mask) -> int:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() if idx is None else idx.numel() for n, idx in mask.items())
 
 
 def _inject_bitfit(model: nn.Module, config: BitFitConfig) -> SparseInjection:

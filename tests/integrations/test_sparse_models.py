@@ -132,6 +132,10 @@ def test_fishmask_mask_equals_fisher_mask(arch, scope):
         if idx is not None:
             assert torch.equal(mask[name], idx), name
     assert trainable_names(fast) == set(mask)
+    # The trainable count is the trained entries, not the tensors that hold them.
+    params = dict(model.named_parameters())
+    entries = sum(params[n].numel() if idx is None else idx.numel() for n, idx in reference.items())
+    assert fast.get_nb_trainable_parameters()[0] == entries < sum(params[n].numel() for n in reference)
 
 
 def test_fishmask_num_samples_exclude_and_loss_fn():
