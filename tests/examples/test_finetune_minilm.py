@@ -30,6 +30,19 @@ def test_main_job_smoke(tmp_path):
     assert result["fastpeft"]["final_loss"] < result["fastpeft"]["losses"][0]
 
 
+@pytest.mark.parametrize("method", ["ia3", "bitfit", "fishmask", "adapter"])
+def test_every_method_runs_and_matches_its_peer(method, tmp_path):
+    job = load_main_job()
+    out = tmp_path / "result.json"
+    job.main(["--method", method, "--steps", "3", "--batch-size", "8", "--device", "cpu", "--results", str(out)])
+    result = json.loads(out.read_text())
+    assert len(result["fastpeft"]["losses"]) == 3
+    if job.METHODS[method].peer is not None:
+        # The peer (peft, or the dense-masked AdamW practice) starts from the same weights and data.
+        assert len(result[result["peer"] if result["peer"] in result else "peft"]["losses"]) == 3
+        assert result["max_loss_gap"] < 1e-4
+
+
 def test_unknown_method_is_refused():
     job = load_main_job()
     with pytest.raises(SystemExit):
