@@ -16,6 +16,7 @@ from torch import nn
 
 from fastpeft.integrations import checkpoint
 from fastpeft.integrations import lora as _lora  # noqa: F401  (registers the method)
+from fastpeft.integrations import prompt_learning as _prompt_learning  # noqa: F401  (registers the methods)
 from fastpeft.integrations.registry import INJECTORS, Injection, peft_type_of
 
 
@@ -97,8 +98,12 @@ class FastPeftModel(nn.Module):
 
     def save_pretrained(self, save_directory: str) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as peft does (atomically);
-        ``peft.PeftModel.from_pretrained`` loads them."""
-        checkpoint.save_adapter(save_directory, self.peft_config, self.adapter_state_dict())
+        ``peft.PeftModel.from_pretrained`` loads them. As peft does, the saved config says
+        ``inference_mode=True`` (P-tuning / prefix-projection checkpoints load only that way)."""
+        config = copy.copy(self.peft_config)
+        if hasattr(config, "inference_mode"):
+            config.inference_mode = True
+        checkpoint.save_adapter(save_directory, config, self.adapter_state_dict())
 
     def load_adapter(self, directory: str) -> None:
         """Load adapter weights saved by fastpeft or peft. Nothing changes unless all of them fit."""

@@ -188,8 +188,8 @@ def test_unsupported_options_and_modules_raise_before_touching_the_model():
         fastpeft.get_peft_model(model, lora_config("llama", target_modules=["q_proj", "embed_tokens"]))
     with pytest.raises(ValueError, match="matched no module"):
         fastpeft.get_peft_model(model, lora_config("llama", target_modules=["nonexistent"]))
-    with pytest.raises(NotImplementedError, match="supports \\['LORA'\\] configs"):
-        fastpeft.get_peft_model(model, peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    with pytest.raises(NotImplementedError, match=r"supports \[.*'LORA'.*\] configs, got LoHaConfig"):
+        fastpeft.get_peft_model(model, peft.LoHaConfig(target_modules=["q_proj"]))
     _assert_unchanged(model, fingerprint)
 
 
