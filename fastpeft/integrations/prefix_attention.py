@@ -21,10 +21,11 @@ What it changes, all undone by ``remove()`` (or leaving the ``with`` block):
   * rotary position ids are shifted by ``position_offset`` (default P): the sequence starts after
     the prefix, as with peft's cache-based prefix, so the same weights give the same logits.
 
-Works for Llama-, Qwen2- and Mistral-style models (GQA included) and for BERT-style encoders (their
-absolute position ids are shifted by ``position_offset`` through the embeddings' ``past_key_values_length``),
-with gradient checkpointing and with ``generate()``: each decoding step attends to the cached sequence plus the prefix, which is
-read from the encoder, never copied into the cache.
+Works for Llama-, Qwen2- and Mistral-style models (GQA included) and for BERT-style encoders
+(their absolute position ids are shifted by ``position_offset`` through the embeddings'
+``past_key_values_length``), with gradient checkpointing and with ``generate()``: each decoding
+step attends to the cached sequence plus the prefix, which is read from the encoder, never copied
+into the cache. With attention dropout in training, layers fall back to concat + SDPA (peft's math).
 """
 
 from __future__ import annotations
@@ -85,18 +86,40 @@ def prefix_attention_forward(
     if slot is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)  # fmt: skip
-    if dropout:
-        raise NotImplementedError("fastpeft prefix attention has no attention dropout; set the model's attention "
-                                  "dropout to 0 (config.attention_dropout, or attention_probs_dropout_prob for BERT) "
-                                  "or call model.eval()")  # fmt: skip
     prefix_k, prefix_v = slot.encoder.layer(module.layer_idx)
     index = _index_for_batch(prefix_index if prefix_index is not None else slot.default_index, query.shape[0])
     # HF's mask already holds causality (aligned to the cache, as the op aligns it); without one,
     # the op applies the module's own causality.
     causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if dropout:
+        return _concatenated_attention(module, query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype),
+                                       index, attention_mask, causal, dropout, scaling, **kwargs)  # fmt: skip
     out = prefix_attention(query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), index,
                            attention_mask, causal, scaling)  # fmt: skip
     return out.transpose(1, 2), None  # stored as [B, S, H, D]: no copy
+
+
+def _concatenated_attention(module, query, key, value, prefix_k, prefix_v, index, attention_mask, causal, dropout,
+                            scaling, **kwargs):  # fmt: skip
+    """Attention dropout (BERT's attention_probs_dropout_prob, in training): the op has none, so run
+    what peft's cached prefix runs: each example's prefix concatenated in front of its keys and
+    values, HF's SDPA attention with dropout over all P + S keys (the prefix columns always visible)."""
+    B, Sq, Skv = query.shape[0], query.shape[2], key.shape[2]
+    index = torch.zeros(B, dtype=torch.long, device=query.device) if index is None else index.to(query.device).long()
+    keys = torch.cat([prefix_k[index], key], dim=2)
+    values = torch.cat([prefix_v[index], value], dim=2)
+    if attention_mask is None and causal:  # aligned to the last key, as the op aligns it
+        keys_at, queries_at = torch.arange(Skv, device=query.device), torch.arange(Sq, device=query.device)
+        attention_mask = (keys_at[None, :] <= queries_at[:, None] + Skv - Sq)[None, None]
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            attention_mask = attention_mask[:, None, None, :].bool()
+        shape = (*attention_mask.shape[:-1], prefix_k.shape[2])
+        visible = torch.ones(shape, dtype=torch.bool, device=query.device) if attention_mask.dtype == torch.bool else \
+            torch.zeros(shape, dtype=attention_mask.dtype, device=query.device)  # fmt: skip
+        attention_mask = torch.cat([visible, attention_mask], dim=-1)
+    return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=False, **kwargs)  # fmt: skip
 
 
 def register() -> None:

@@ -144,3 +144,33 @@ def test_prefix_unload_is_bit_identical_and_gradient_checkpointing_works():
     plain.gradient_checkpointing_disable()
     plain.eval()
     assert torch.equal(plain(**inputs).logits, before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("kind", ["prefix", "prefix_projection"])
+def test_prefix_with_attention_dropout_matches_peft_for_the_same_seed(arch, kind):
+    # MiniLM / BERT train with attention_probs_dropout_prob=0.1: the patch falls back to peft's
+    # computation (concat + SDPA with dropout), so the same seed draws the same dropout masks.
+    model = tiny_model(arch)
+    model.config.attention_probs_dropout_prob = model.config.attention_dropout = 0.2
+    for m in model.modules():
+        if type(m).__name__ == "BertSelfAttention":
+            m.dropout.p = 0.2
+        elif hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.2
+    theirs, ours = twins(model, config(kind, arch))
+    theirs.train()
+    ours.train()
+    inputs = batch(arch)
+    torch.manual_seed(5)
+    logits_p, loss_p, grads_p = run(theirs, inputs)
+    torch.manual_seed(5)
+    logits_f, loss_f, grads_f = run(ours, inputs)
+    torch.manual_seed(6)
+    assert run(ours, inputs)[1] != loss_f  # dropout is on
+    if arch != "bert":
+        keep = inputs["attention_mask"].bool()
+        logits_f, logits_p = logits_f[keep], logits_p[keep]
+    assert_close(logits_f, logits_p, scale=10)
+    for name in grads_p:
+        assert_close(grads_f[name], grads_p[name], scale=10, msg=name)
