@@ -19,6 +19,7 @@ from fastpeft.integrations import lora as _lora  # noqa: F401  (registers the me
 from fastpeft.integrations import adapter as _adapter  # noqa: F401  (registers the method)
 from fastpeft.integrations import ia3 as _ia3  # noqa: F401  (registers the method)
 from fastpeft.integrations import sparse as _sparse  # noqa: F401  (registers BitFit and FishMask)
+from fastpeft.integrations import prompt_learning as _prompt_learning  # noqa: F401  (registers the methods)
 from fastpeft.integrations.registry import INJECTORS, Injection, peft_type_of
 
 
@@ -102,8 +103,12 @@ class FastPeftModel(nn.Module):
 
     def save_pretrained(self, save_directory: str) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as peft does (atomically);
-        ``peft.PeftModel.from_pretrained`` loads them."""
-        checkpoint.save_adapter(save_directory, self.peft_config, self.adapter_state_dict())
+        ``peft.PeftModel.from_pretrained`` loads them. As peft does, the saved config says
+        ``inference_mode=True`` (P-tuning / prefix-projection checkpoints load only that way)."""
+        config = copy.copy(self.peft_config)
+        if hasattr(config, "inference_mode"):
+            config.inference_mode = True
+        checkpoint.save_adapter(save_directory, config, self.adapter_state_dict())
 
     def load_adapter(self, directory: str) -> None:
         """Load adapter weights saved by fastpeft or peft. Nothing changes unless all of them fit."""

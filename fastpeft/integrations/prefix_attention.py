@@ -21,14 +21,17 @@ What it changes, all undone by ``remove()`` (or leaving the ``with`` block):
   * rotary position ids are shifted by ``position_offset`` (default P): the sequence starts after
     the prefix, as with peft's cache-based prefix, so the same weights give the same logits.
 
-Works for Llama-, Qwen2- and Mistral-style models (GQA included), with gradient checkpointing and
-with ``generate()``: each decoding step attends to the cached sequence plus the prefix, which is
-read from the encoder, never copied into the cache.
+Works for Llama-, Qwen2- and Mistral-style models (GQA included) and for BERT-style encoders
+(their absolute position ids are shifted by ``position_offset`` through the embeddings'
+``past_key_values_length``), with gradient checkpointing and with ``generate()``: each decoding
+step attends to the cached sequence plus the prefix, which is read from the encoder, never copied
+into the cache. With attention dropout in training, layers fall back to concat + SDPA (peft's math).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
@@ -83,16 +86,40 @@ def prefix_attention_forward(
     if slot is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)  # fmt: skip
-    if dropout:
-        raise NotImplementedError("fastpeft prefix attention has no attention dropout; set config.attention_dropout = 0")
     prefix_k, prefix_v = slot.encoder.layer(module.layer_idx)
     index = _index_for_batch(prefix_index if prefix_index is not None else slot.default_index, query.shape[0])
     # HF's mask already holds causality (aligned to the cache, as the op aligns it); without one,
     # the op applies the module's own causality.
     causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if dropout:
+        return _concatenated_attention(module, query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype),
+                                       index, attention_mask, causal, dropout, scaling, **kwargs)  # fmt: skip
     out = prefix_attention(query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), index,
                            attention_mask, causal, scaling)  # fmt: skip
     return out.transpose(1, 2), None  # stored as [B, S, H, D]: no copy
+
+
+def _concatenated_attention(module, query, key, value, prefix_k, prefix_v, index, attention_mask, causal, dropout,
+                            scaling, **kwargs):  # fmt: skip
+    """Attention dropout (BERT's attention_probs_dropout_prob, in training): the op has none, so run
+    what peft's cached prefix runs: each example's prefix concatenated in front of its keys and
+    values, HF's SDPA attention with dropout over all P + S keys (the prefix columns always visible)."""
+    B, Sq, Skv = query.shape[0], query.shape[2], key.shape[2]
+    index = torch.zeros(B, dtype=torch.long, device=query.device) if index is None else index.to(query.device).long()
+    keys = torch.cat([prefix_k[index], key], dim=2)
+    values = torch.cat([prefix_v[index], value], dim=2)
+    if attention_mask is None and causal:  # aligned to the last key, as the op aligns it
+        keys_at, queries_at = torch.arange(Skv, device=query.device), torch.arange(Sq, device=query.device)
+        attention_mask = (keys_at[None, :] <= queries_at[:, None] + Skv - Sq)[None, None]
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            attention_mask = attention_mask[:, None, None, :].bool()
+        shape = (*attention_mask.shape[:-1], prefix_k.shape[2])
+        visible = torch.ones(shape, dtype=torch.bool, device=query.device) if attention_mask.dtype == torch.bool else \
+            torch.zeros(shape, dtype=attention_mask.dtype, device=query.device)  # fmt: skip
+        attention_mask = torch.cat([visible, attention_mask], dim=-1)
+    return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=False, **kwargs)  # fmt: skip
 
 
 def register() -> None:
@@ -102,11 +129,41 @@ def register() -> None:
 
 
 def _attention_modules(model: nn.Module):
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    # Llama/Qwen2/Mistral-style attention (GQA: num_key_value_groups) and BERT-style self-attention
+    # (attention_head_size); cross-attention keys come from another sequence and get no prefix.
+    return [
+        m for m in model.modules()
+        if hasattr(m, "layer_idx") and (hasattr(m, "num_key_value_groups") or hasattr(m, "attention_head_size"))
+        and "Cross" not in type(m).__name__
+    ]  # fmt: skip
 
 
 def _rotary_modules(model: nn.Module):
     return [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+
+
+def _absolute_position_modules(model: nn.Module):
+    """BERT-style embeddings: absolute positions from ``past_key_values_length`` or ``position_ids``."""
+    return [
+        m for m in model.modules()
+        if isinstance(getattr(m, "position_embeddings", None), nn.Embedding)
+        and "past_key_values_length" in inspect.signature(m.forward).parameters
+    ]  # fmt: skip
+
+
+def check_supported_model(model: nn.Module) -> None:
+    """Raise NotImplementedError unless ``apply_prefix_tuning`` can patch ``model``: HF attention
+    modules with ``layer_idx`` (Llama/Qwen2/Mistral-style or BERT-style), rotary or BERT-style
+    absolute positions, no encoder-decoder."""
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"fastpeft prefix tuning does not support encoder-decoder models ({name})")
+    if not _attention_modules(model):
+        raise NotImplementedError(f"fastpeft prefix tuning found no supported attention modules (with layer_idx) "
+                                  f"in {name}; it supports Llama/Qwen2/Mistral-style and BERT-style attention")  # fmt: skip
+    if not _rotary_modules(model) and not _absolute_position_modules(model):
+        raise NotImplementedError(f"fastpeft prefix tuning cannot shift the positions of {name}: it needs rotary "
+                                  "embeddings or BERT-style absolute position embeddings")  # fmt: skip
 
 
 def _check_encoder_fits(model: nn.Module, encoder: PrefixEncoder) -> None:
@@ -139,6 +196,8 @@ class PrefixTuningPatch:
         for m in attention:
             m._fastpeft_prefix = slot
         self.hooks = [m.register_forward_pre_hook(self._shift_positions, with_kwargs=True) for m in _rotary_modules(model)]
+        self.hooks += [m.register_forward_pre_hook(self._shift_absolute_positions, with_kwargs=True)
+                       for m in _absolute_position_modules(model)]  # fmt: skip
 
     @contextlib.contextmanager
     def prefix_index(self, index: Optional[torch.Tensor]):
@@ -164,6 +223,15 @@ class PrefixTuningPatch:
         elif len(args) >= 2:
             args = (args[0], args[1] + self.position_offset, *args[2:])
         return args, kwargs
+
+    def _shift_absolute_positions(self, module, args, kwargs):
+        # BERT-style embeddings read positions past_key_values_length.. (peft's cached prefix makes that P).
+        if self.position_offset == 0:
+            return None
+        if kwargs.get("position_ids") is not None:
+            return args, {**kwargs, "position_ids": kwargs["position_ids"] + self.position_offset}
+        offset = kwargs.get("past_key_values_length", 0) + self.position_offset
+        return args, {**kwargs, "past_key_values_length": offset}
 
     def remove(self) -> None:
         for h in self.hooks:
