@@ -30,7 +30,7 @@ def test_main_job_smoke(tmp_path):
     assert result["fastpeft"]["final_loss"] < result["fastpeft"]["losses"][0]
 
 
-@pytest.mark.parametrize("method", ["ia3", "bitfit", "fishmask", "adapter"])
+@pytest.mark.parametrize("method", ["ia3", "prompt", "prefix", "bitfit", "fishmask", "adapter"])
 def test_every_method_runs_and_matches_its_peer(method, tmp_path):
     job = load_main_job()
     out = tmp_path / "result.json"
