@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 import warnings
@@ -121,34 +122,63 @@ def accuracy(model, data, tokenizer, device):
     return correct / len(data)
 
 
-def train(model, opt, data, tokenizer, device, steps, batch_size, seed, desc):
-    model.train()
-    losses, tokens, step, epoch = [], 0, 0, 0
-    bar = tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True)
-    start = None
+class Run:
+    """One model being trained: its optimizer, its own RNG stream (dropout), losses and step times."""
+
+    def __init__(self, name, model, opt, seed, device):
+        self.name, self.model, self.opt, self.device = name, model, opt, device
+        torch.manual_seed(seed)
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state() if device == "cuda" else None
+        self.losses, self.step_seconds = [], []
+
+    def step(self, enc, labels):
+        # Each run draws dropout masks from its own stream, as if it ran alone from the same seed.
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng)
+        self.model.train()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(self.model(**enc).logits.float(), labels)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.step_seconds.append(time.perf_counter() - start)
+        self.losses.append(loss.item())
+        self.rng = torch.get_rng_state()
+        if self.cuda_rng is not None:
+            self.cuda_rng = torch.cuda.get_rng_state()
+
+    def speed(self, tokens_per_step) -> dict:
+        """Steps after the first (which pays one-time costs: allocations, kernel caches)."""
+        seconds = self.step_seconds[1:]
+        total = sum(seconds)
+        return dict(seconds=total, steps_per_s=len(seconds) / total, tokens_per_s=sum(tokens_per_step[1:]) / total,
+                    median_step_ms=1e3 * statistics.median(seconds))  # fmt: skip
+
+
+def train(runs, data, tokenizer, device, steps, batch_size, seed):
+    """Train every run on the same batches in lockstep: step i of each run back to back, so a
+    machine that slows down or speeds up during the job affects all runs alike."""
+    tokens_per_step, step, epoch = [], 0, 0
+    bar = tqdm(total=steps, desc=" / ".join(r.name for r in runs), unit="step", dynamic_ncols=True)
     while step < steps:
         for enc, labels in batches(data, tokenizer, batch_size, device, True, seed + epoch):
-            if step == 1:  # the first step pays one-time costs (allocations, kernel caches); time the rest
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start, tokens = time.perf_counter(), 0
-            loss = nn.functional.cross_entropy(model(**enc).logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            tokens += int(enc["attention_mask"].sum())
+            for run in runs:
+                run.step(enc, labels)
+            tokens_per_step.append(int(enc["attention_mask"].sum()))
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix({r.name: f"{r.losses[-1]:.3f}" for r in runs})
             if step >= steps:
                 break
         epoch += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
     bar.close()
-    elapsed = time.perf_counter() - start
-    return losses, dict(seconds=elapsed, steps_per_s=(steps - 1) / elapsed, tokens_per_s=tokens / elapsed)
+    return tokens_per_step
 
 
 def main(argv=None):
@@ -196,27 +226,28 @@ def main(argv=None):
                "batch_size": args.batch_size, "lr": lr, "accuracy_before": acc_before}  # fmt: skip
     peer = peer_model(method, peer_base, model, config) if peer_base is not None else None
 
-    torch.manual_seed(args.seed)
-    losses, speed = train(model, model.create_optimizer(lr=lr, **method.optimizer_kwargs), train_data, tokenizer, device, args.steps,
-                          args.batch_size, args.seed, "fastpeft")  # fmt: skip
-    acc_after = accuracy(model, test_data, tokenizer, device)
-    results["fastpeft"] = dict(accuracy_after=acc_after, final_loss=losses[-1], losses=losses, **speed)
-    print(f"fastpeft: test accuracy {acc_before:.1%} -> {acc_after:.1%}, {speed['tokens_per_s']:.0f} tokens/s")
-
+    runs = [Run("fastpeft", model, model.create_optimizer(lr=lr, **method.optimizer_kwargs), args.seed, device)]
     if peer is not None:
-        name = {"peft": "peft+bnb" if method.quantize else "peft"}.get(method.peer, method.peer)
-        torch.manual_seed(args.seed)
-        p_losses, p_speed = train(peer, peer_optimizer(method, peer, lr), train_data, tokenizer, device, args.steps,
-                                  args.batch_size, args.seed, name)  # fmt: skip
-        p_acc = accuracy(peer, test_data, tokenizer, device)
-        gap = max(abs(a - b) for a, b in zip(losses, p_losses))
-        results["peer"] = name
-        results["peft" if method.peer == "peft" else method.peer] = dict(
-            accuracy_after=p_acc, final_loss=p_losses[-1], losses=p_losses, **p_speed)
-        results["max_loss_gap"] = gap
-        print(f"{name}: test accuracy {acc_before:.1%} -> {p_acc:.1%}, {p_speed['tokens_per_s']:.0f} tokens/s")
-        print(f"loss curves: largest gap between fastpeft and {name} over {args.steps} steps: {gap:.2e}")
-        print(f"speed: fastpeft {speed['tokens_per_s'] / p_speed['tokens_per_s']:.2f}x the tokens/s of {name}")
+        peer_name = {"peft": "peft+bnb" if method.quantize else "peft"}.get(method.peer, method.peer)
+        runs.append(Run(peer_name, peer, peer_optimizer(method, peer, lr), args.seed, device))
+    tokens_per_step = train(runs, train_data, tokenizer, device, args.steps, args.batch_size, args.seed)
+
+    for run in runs:
+        acc = accuracy(run.model, test_data, tokenizer, device)
+        speed = run.speed(tokens_per_step)
+        key = "fastpeft" if run is runs[0] else ("peft" if method.peer == "peft" else method.peer)
+        results[key] = dict(accuracy_after=acc, final_loss=run.losses[-1], losses=run.losses, **speed)
+        print(f"{run.name}: test accuracy {acc_before:.1%} -> {acc:.1%}, {speed['tokens_per_s']:.0f} tokens/s, "
+              f"median step {speed['median_step_ms']:.1f} ms")  # fmt: skip
+    losses, acc_after = runs[0].losses, results["fastpeft"]["accuracy_after"]
+    if peer is not None:
+        other = results["peft" if method.peer == "peft" else method.peer]
+        gap = max(abs(a - b) for a, b in zip(losses, runs[1].losses))
+        results["peer"], results["max_loss_gap"] = peer_name, gap
+        results["speedup_median_step"] = other["median_step_ms"] / results["fastpeft"]["median_step_ms"]
+        print(f"loss curves: largest gap between fastpeft and {peer_name} over {args.steps} steps: {gap:.2e}")
+        print(f"speed: fastpeft {results['speedup_median_step']:.2f}x the speed of {peer_name} "
+              "(median step time, steps interleaved)")  # fmt: skip
 
     path = args.results or os.path.join(common.RESULTS_DIR, common.slug(results["device"]),
                                         f"finetune_minilm_{args.method}.json")  # fmt: skip
