@@ -34,9 +34,10 @@ test: setup
 	$(PY) -m pytest tests -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
+# Every kernel benchmark at this device's default shapes, then the README's table.
 bench: setup
-	$(PY) benchmarks/bench_quant4bit.py
-	$(PY) benchmarks/bench_lora.py
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	$(PY) benchmarks/summarize.py
 
 $(DEPS_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -37,3 +37,12 @@ def test_missing_extension_error_says_how_to_build():
     assert proc.returncode != 0
     assert "fastpeft's compiled extension fastpeft._C could not be loaded" in proc.stderr
     assert "make setup" in proc.stderr and "pip install --no-build-isolation -e ." in proc.stderr
+
+
+def test_cuda_smoke_script_runs_every_case_on_the_cpu():
+    """tools/cuda_smoke.py is what compute-sanitizer runs on a GPU machine; keep it working."""
+    env = dict(os.environ, FASTPEFT_SMOKE_DEVICE="cpu")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cuda_smoke.py")], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "10/10 cases ran" in done.stdout
