@@ -115,9 +115,30 @@ def multi_lora(d):
     return out
 
 
+def e2e_qlora(d):
+    runs = d["runs"]
+    fast, peer = runs["fastpeft"], runs.get("peft+bitsandbytes")
+    if not peer:
+        return []
+    gap = max(abs(a - b) for a, b in zip(fast["losses"], peer["losses"]))
+    return [("end-to-end QLoRA training steps (Llama architecture, NF4, LoRA r=16 on all linear layers, "
+             "gradient checkpointing)", f"{fast['tokens_per_s'] / peer['tokens_per_s']:.2f}x the tokens/s of peft+bitsandbytes",
+             f"{fast['tokens_per_s']:.0f} vs {peer['tokens_per_s']:.0f} tokens/s", f"loss curves within {gap:.1e}")]  # fmt: skip
+
+
+def finetune_minilm(d):
+    fast = d["fastpeft"]
+    what = f"main job `--method {d['method']}` (MiniLM, test accuracy {d['accuracy_before']:.0%} -> {fast['accuracy_after']:.0%})"
+    if "speedup_median_step" not in d:
+        return [(what, "no peer", f"median step {fast['median_step_ms']:.0f} ms", "")]
+    return [(what, f"{d['speedup_median_step']:.2f}x the speed of {d['peer']}",
+             f"median step {fast['median_step_ms']:.0f} ms", f"loss curves within {d['max_loss_gap']:.1e}")]  # fmt: skip
+
+
 SUMMARISERS = {
     "bench_lora": lora, "bench_quant4bit": quant4bit, "bench_ia3": ia3, "bench_adapter": adapter,
     "bench_sparse_optim": sparse, "bench_prefix_attention": prefix, "bench_multi_lora": multi_lora,
+    "bench_e2e_qlora": e2e_qlora, "finetune_minilm": finetune_minilm,
 }  # fmt: skip
 
 

@@ -373,3 +373,28 @@ def test_device_mismatch_is_reported():
     x = torch.randn(2, 8, device="cuda")
     with pytest.raises(RuntimeError, match="vectors is on cpu but x is on cuda"):
         ia3_scale(x, torch.ones(1, 8))
+
+
+def test_direct_op_call_refuses_a_trainable_base_weight():
+    """The C++ autograd kernel (csrc/ia3/ia3_autograd.cpp) guards callers of torch.ops directly."""
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    weight = torch.randn(5, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="base weight is frozen"):
+        torch.ops.fastpeft.ia3_linear(x, weight, None, torch.ones(1, 5), None, False)
+
+
+@pytest.mark.parametrize("is_feedforward", [False, True])
+def test_gradient_of_vectors_alone_and_of_x_alone(is_feedforward):
+    """needs_input_grad is honoured per input: each gradient equals the reference's on its own."""
+    x = torch.randn(3, 4, 8)
+    weight = torch.randn(6, 8)
+    vectors = torch.rand(2, 8 if is_feedforward else 6) + 0.5
+    ids = torch.tensor([1, 0, 1])
+    for wants_x in (False, True):
+        xs, vs = x.clone().requires_grad_(wants_x), vectors.clone().requires_grad_(not wants_x)
+        ia3_linear(xs, weight, None, vs, ids, is_feedforward).square().sum().backward()
+        xr, vr = x.clone().requires_grad_(wants_x), vectors.clone().requires_grad_(not wants_x)
+        ia3_linear_reference(xr, weight, None, vr, ids, is_feedforward).square().sum().backward()
+        got, want = (xs.grad, xr.grad) if wants_x else (vs.grad, vr.grad)
+        assert (vs.grad if wants_x else xs.grad) is None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
