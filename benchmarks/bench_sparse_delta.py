@@ -1,0 +1,211 @@
+"""SparseDeltaLinear benchmark: fastpeft vs the plain-PyTorch dense-delta practice vs the bare frozen linear.
+
+Providers, on the same frozen base, the same x and the same k trained entries (values) per case:
+  fastpeft    SparseDeltaLinear: the delta is added while the base weight is copied / dequantized into
+              the workspace (no dense delta), backward forms the gradient of values at the indices only
+  reference   the plain-PyTorch practice: a dense delta D = zeros.scatter(indices, values) and W + D
+              materialised (W dequantized by bitsandbytes for a 4-bit base), F.linear; autograd forms
+              the dense out x in weight gradient and gathers it at the indices
+  floor       the frozen base linear with no delta (nn.Linear / bnb Linear4bit): forward, and the
+              input gradient in fwd+bwd -- the cost any frozen-base method pays
+
+Cases: dense base (fp32 on CPU, bf16 on GPU) and bitsandbytes NF4 base (double-quantized; bnb runs on
+CPU), densities 0.1% / 0.5% / 2%, modes fwd (no grad) and fwd+bwd (x and values need grad).
+Reports median / p20 / p80 ms of interleaved repetitions after warm-up (CUDA events on GPU), the
+ratio to the floor and to fastpeft, and memory: on CPU the bytes autograd saves for backward, exact
+(saved_tensors_hooks; frozen weights, quantization state, indices and values not counted), on CUDA
+the peak memory allocated during one run.
+
+Default shapes are CPU-sized (the 7B projections at 1/4 width: 1024x1024, 1024->2816, 2816->1024,
+512 tokens); --full uses Llama-2-7B's (4096x4096, 4096->11008, 11008->4096) at 2048/4096/8192 tokens
+(for a GPU).
+
+  python benchmarks/bench_sparse_delta.py                      # CPU-scaled shapes, one thread
+  python benchmarks/bench_sparse_delta.py --device cuda --full # 7B shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.interleaved import time_interleaved  # noqa: E402
+from fastpeft.nn import SparseDeltaLinear  # noqa: E402
+from fastpeft.optim.masks import index_dtype  # noqa: E402
+from fastpeft.optim.random_mask import sample_without_replacement  # noqa: E402
+
+# (in_features, out_features) of the layers: q/o-like square, up/gate (in -> intermediate), down.
+CPU_SHAPES = dict(layers=[(1024, 1024), (1024, 2816), (2816, 1024)], tokens=[512])
+FULL_SHAPES = dict(layers=[(4096, 4096), (4096, 11008), (11008, 4096)], tokens=[2048, 4096, 8192])
+QUICK_SHAPES = dict(layers=[(64, 96)], tokens=[32])
+DENSITIES = (0.001, 0.005, 0.02)
+
+
+def make_base(kind, in_f, out_f, dtype, device):
+    """A frozen nn.Linear, or its bitsandbytes NF4 (double-quantized) copy."""
+    lin = torch.nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
+    if kind == "dense":
+        return lin
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(in_f, out_f, bias=True, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+    w = lin.weight.data.cpu()  # quantized from the compute dtype, as a bf16 checkpoint would be
+    q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    q.bias = torch.nn.Parameter(lin.bias.data.clone().cpu(), requires_grad=False)
+    return q.to(device)
+
+
+def frozen_dense_weight(base, kind, dtype):
+    """The reference's dense W: the weight itself, or bitsandbytes' dequantization of it (per call,
+    as a 4-bit base has no dense copy to keep)."""
+    if kind == "dense":
+        return lambda: base.weight
+    import bitsandbytes.functional as bnbf
+
+    return lambda: bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+
+
+def reference_linear(x, weight_fn, bias, indices, values, shape):
+    """x (W + D)^T + b with D materialised densely: what one writes without a sparse kernel."""
+    w = weight_fn()
+    delta = torch.zeros(shape[0] * shape[1], dtype=values.dtype, device=values.device)
+    delta = delta.scatter(0, indices, values).view(shape)  # differentiable in values (backward: gather)
+    return F.linear(x, (w + delta).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def runner(fn, mode, leaves):
+    """fn() under no_grad (fwd), or fn() + backward with a fixed upstream gradient (fwd+bwd)."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+    g = torch.randn_like(fn())
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        fn().backward(g)
+
+    return run
+
+
+def frozen_tensors(base, layer):
+    """Tensors that exist whatever the method (frozen weight, bnb quantization state, the trained
+    values and their indices): left out of the saved-for-backward count, which is about activations."""
+    out = [*base.parameters(), layer.values, layer.indices]
+    st = getattr(base.weight, "quant_state", None)
+    if st is not None:
+        out += [st.absmax, st.code]
+        if getattr(st, "state2", None) is not None:
+            out += [st.state2.absmax, st.state2.code]
+        if isinstance(getattr(st, "offset", None), torch.Tensor):
+            out.append(st.offset)
+    return tuple(t for t in out if isinstance(t, torch.Tensor))
+
+
+def check_against_reference(providers, x, values):
+    """Max abs differences of y and of d values between fastpeft and the reference (same g)."""
+    outs = {}
+    for name in ("fastpeft", "reference"):
+        x.grad = values.grad = None
+        y = providers[name]()
+        g = torch.ones_like(y)
+        y.backward(g)
+        outs[name] = (y.detach().float(), values.grad.float().clone())
+    x.grad = values.grad = None
+    dy = (outs["fastpeft"][0] - outs["reference"][0]).abs().max().item()
+    dv = (outs["fastpeft"][1] - outs["reference"][1]).abs().max().item()
+    return dy, dv
+
+
+def case_rows(kind, in_f, out_f, tokens, dtype, device, reps, densities, gen):
+    rows = []
+    base = make_base(kind, in_f, out_f, dtype, device)
+    shape = (out_f, in_f)
+    numel = in_f * out_f
+    weight_fn = frozen_dense_weight(base, kind, dtype)
+    x = torch.randn(tokens, in_f, dtype=dtype, device=device, requires_grad=True)
+    for density in densities:
+        k = max(1, round(density * numel))
+        idx = sample_without_replacement(numel, k, gen).to(index_dtype(numel))
+        layer = SparseDeltaLinear(base, idx.to(device))
+        with torch.no_grad():
+            layer.values.normal_(0, 0.02)
+        idx_long = layer.indices.long()
+        providers = {
+            "fastpeft": lambda: layer(x),
+            "reference": lambda: reference_linear(x, weight_fn, base.bias, idx_long, layer.values, shape),
+            "floor": lambda: base(x),
+        }
+        err_y, err_v = check_against_reference(providers, x, layer.values)
+        for mode in ("fwd", "fwd+bwd"):
+            runs = {name: runner(fn, mode, [x, layer.values]) for name, fn in providers.items()}
+            stats = time_interleaved(runs, device, warmup=2, reps=reps)
+            for name, st in stats.items():
+                saved = None
+                if mode == "fwd+bwd" and not device.startswith("cuda"):
+                    saved = common.saved_activation_bytes(providers[name], exclude=frozen_tensors(base, layer))
+                row = dict(base=kind, in_f=in_f, out_f=out_f, tokens=tokens, density=density, k=k, mode=mode,
+                           provider=name, dtype=str(dtype).replace("torch.", ""), **st, saved_bytes=saved,
+                           peak_bytes=common.peak_memory_bytes(runs[name], device))  # fmt: skip
+                if name == "fastpeft":
+                    row.update(max_abs_err_y=err_y, max_abs_err_dvalues=err_v)
+                rows.append(row)
+            floor_ms = stats["floor"]["median_ms"]
+            fast_ms = stats["fastpeft"]["median_ms"]
+            for row in rows[-len(stats):]:
+                row["vs_floor"] = row["median_ms"] / floor_ms
+                row["vs_fastpeft"] = row["median_ms"] / fast_ms
+        del layer, providers, runs
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--full", action="store_true", help="Llama-2-7B shapes, 2k-8k tokens (needs a GPU)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
+    parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 50 on GPU, 10 on CPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on shared cores, threaded ops stall on each other's barriers)")
+    parser.add_argument("--no-4bit", action="store_true", help="skip the bitsandbytes NF4 base")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    device = args.device
+    on_cuda = device.startswith("cuda")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES if args.full else CPU_SHAPES
+    reps = args.reps or (50 if on_cuda else 10)
+    if not on_cuda:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    kinds = ["dense"] + ([] if args.no_4bit else ["nf4"])
+    rows = []
+    for kind in kinds:
+        for in_f, out_f in shapes["layers"]:
+            for tokens in shapes["tokens"]:
+                rows += case_rows(kind, in_f, out_f, tokens, dtype, device, reps, args.densities, gen)
+    common.print_table(rows, ["base", "in_f", "out_f", "tokens", "density", "mode", "provider", "median_ms", "p20_ms",
+                              "p80_ms", "vs_floor", "vs_fastpeft", "saved_bytes", "peak_bytes"])  # fmt: skip
+    if not args.no_write:
+        preset = "_quick" if args.quick else "_full" if args.full else ""
+        name = "bench_sparse_delta" + preset + ("" if on_cuda else "_cpu")
+        extra = dict(shapes=shapes, dtype=str(dtype), reps=reps, threads=None if on_cuda else args.threads)
+        path = common.write_results(name, device, rows, extra=extra)
+        print("wrote", path)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
