@@ -115,6 +115,16 @@ def multi_lora(d):
     return out
 
 
+def sparse_delta(d):
+    rows = [r for r in d["rows"] if r.get("mode") == "fwd+bwd"]
+    keys = [k for k in ("base", "kind", "shape", "in_f", "out_f", "density") if k in rows[0]] if rows else []
+    t = _pivot(rows, keys, "median_ms")
+    return [("SparseDeltaLinear fwd+bwd (dense and NF4 bases, density 0.1-2%)",
+             f"{_range(_ratios(t, 'reference'))}x vs the dense-delta practice",
+             f"{_range([v['fastpeft'] / v['floor'] for v in t.values() if v.get('floor')])}x the frozen-linear floor",
+             "saves only x for backward")]  # fmt: skip
+
+
 def e2e_qlora(d):
     runs = d["runs"]
     fast, peer = runs["fastpeft"], runs.get("peft+bitsandbytes")
@@ -138,7 +148,7 @@ def finetune_minilm(d):
 SUMMARISERS = {
     "bench_lora": lora, "bench_quant4bit": quant4bit, "bench_ia3": ia3, "bench_adapter": adapter,
     "bench_sparse_optim": sparse, "bench_prefix_attention": prefix, "bench_multi_lora": multi_lora,
-    "bench_e2e_qlora": e2e_qlora, "finetune_minilm": finetune_minilm,
+    "bench_e2e_qlora": e2e_qlora, "bench_sparse_delta": sparse_delta, "finetune_minilm": finetune_minilm,
 }  # fmt: skip
 
 
