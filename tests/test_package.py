@@ -46,3 +46,26 @@ def test_cuda_smoke_script_runs_every_case_on_the_cpu():
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "10/10 cases ran" in done.stdout
+
+
+def test_every_public_function_class_and_method_has_a_docstring():
+    import inspect
+
+    import fastpeft.integrations
+    import fastpeft.nn
+    import fastpeft.ops
+    import fastpeft.optim
+    import fastpeft.quant
+
+    missing = []
+    for mod in (fastpeft, fastpeft.nn, fastpeft.ops, fastpeft.optim, fastpeft.quant, fastpeft.integrations):
+        for name in getattr(mod, "__all__", [n for n in dir(mod) if not n.startswith("_")]):
+            obj = getattr(mod, name)
+            if inspect.ismodule(obj) or not callable(obj) or getattr(obj, "__module__", "").startswith("typing"):
+                continue
+            if not (obj.__doc__ or "").strip():
+                missing.append(f"{mod.__name__}.{name}")
+            if inspect.isclass(obj):
+                missing += [f"{mod.__name__}.{name}.{m}" for m, f in vars(obj).items()
+                            if not m.startswith("_") and m != "extra_repr" and callable(f) and not (f.__doc__ or "").strip()]  # fmt: skip
+    assert not missing, missing

@@ -68,6 +68,7 @@ class FastPeftModel(nn.Module):
             return getattr(self.base_model.model, name)
 
     def forward(self, *args, **kwargs):
+        """Run the adapted model (methods that change the inputs, like soft prompts, do so here)."""
         if self._injection.forward is not None:
             return self._injection.forward(self.base_model.model, *args, **kwargs)
         return self.base_model.model(*args, **kwargs)
@@ -96,6 +97,7 @@ class FastPeftModel(nn.Module):
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
+        """Print trainable and total parameter counts, as peft does."""
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 

@@ -36,6 +36,7 @@ class PatchReport:
     families: dict = dataclasses.field(default_factory=dict)  # module name -> family
 
     def summary(self) -> str:
+        """One line of counts, then one line per reason a layer was left to peft."""
         fused = Counter(self.families.get(name, "?") for name in self.patched)
         per_family = ", ".join(f"{family} {count}" for family, count in sorted(fused.items()))
         lines = [f"fastpeft.patch: {len(self.patched)} layers fused ({per_family or 'none'}), "

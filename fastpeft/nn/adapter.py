@@ -75,6 +75,8 @@ class BottleneckAdapter(nn.Module):
         return self.ln_weight is not None
 
     def reset_parameters(self, init_weights: str = "bert") -> None:
+        """Re-initialise the bank: "bert" draws N(0, 0.02) weights and zero biases (the adapters library's
+        default), "zero_up" also zeroes the up-projection so the adapter starts as the identity."""
         with torch.no_grad():
             self.down_weight.normal_(0.0, 0.02)
             self.down_bias.zero_()
@@ -113,6 +115,8 @@ class BottleneckAdapter(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, adapter_ids: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
+        """``residual + up(act(down(ln(x)))) * scaling`` (residual defaults to x); ``adapter_ids`` [B]
+        picks each example's adapter from the bank."""
         return _run_chain([self], x, residual, [adapter_ids])
 
     def extra_repr(self) -> str:
@@ -150,6 +154,8 @@ class BottleneckAdapterStack(nn.Module):
         residual: Optional[torch.Tensor] = None,
         adapter_ids: Optional[Sequence[Optional[torch.Tensor]]] = None,
     ) -> torch.Tensor:
+        """The adapters applied in order (each on the previous one's output) in one fused call;
+        ``adapter_ids`` has one [B] index tensor (or None) per stacked bank."""
         ids = list(adapter_ids) if adapter_ids is not None else [None] * len(self.adapters)
         if len(ids) != len(self.adapters):
             raise ValueError(f"adapter_ids needs one entry (or None) per adapter: {len(ids)} for {len(self.adapters)}")

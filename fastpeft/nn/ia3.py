@@ -137,6 +137,8 @@ class IA3Linear(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``base(x) * l`` (or ``base(x * l)`` for feed-forward); with a bank, ``task_ids`` [B] picks each
+        example's vector."""
         if self.merged:
             return self.base_layer(x)
         if self.num_tasks is not None and self.num_tasks > 1 and task_ids is None:

@@ -141,6 +141,7 @@ class LoRALinear(nn.Module):
         return fused_lora_args(self.base_layer, self.lora_A.weight, self.lora_B.weight, x, self.is_4bit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + scaling * B(A(dropout(x)))`` in one fused op (the base alone when merged)."""
         if self.merged:
             return self.base_layer(x)
         self._check_input(x)
@@ -205,6 +206,7 @@ class LoRAProjectionGroup(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> tuple:
+        """Every member's output for the shared input ``x``, with one shrink GEMM over the stacked A."""
         if any(layer.merged for layer in self.layers):
             return tuple(layer(x) for layer in self.layers)
         args = [layer.forward_args(x) for layer in self.layers]

@@ -138,6 +138,8 @@ class MultiLoRALinear(nn.Module):
         return w if w.dtype == dtype else w.to(dtype)
 
     def forward(self, x: torch.Tensor, adapter_index: Union[torch.Tensor, Sequence, MultiLoRAPlan]) -> torch.Tensor:
+        """``base(x)`` plus, for every example, its adapter's LoRA update; ``adapter_index`` is a [B] tensor
+        of indices (-1: none), a list of adapter names, or a plan from ``plan_multi_lora``."""
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"MultiLoRALinear: x must be [..., {self.in_features}], got {list(x.shape)}")
         if isinstance(adapter_index, (list, tuple)) and any(n is None or isinstance(n, str) for n in adapter_index):

@@ -129,6 +129,7 @@ class SoftPrompt(_PrependsPrompts):
             self.embedding.weight.copy_(table.to(self.embedding.weight))
 
     def prompts(self) -> torch.Tensor:
+        """The bank of prompts [N, P, E] (the embeddings themselves)."""
         return self.embedding.weight.view(self.num_prompts, self.num_virtual_tokens, self.embed_dim)
 
 
@@ -175,6 +176,7 @@ class PromptEncoder(_PrependsPrompts):
             raise ValueError(f"encoder_type must be 'mlp' or 'lstm', got {encoder_type!r}")
 
     def prompts(self) -> torch.Tensor:
+        """The bank of prompts [N, P, E]: the virtual token embeddings through the encoder."""
         tokens = self.embedding.weight.view(self.num_prompts, self.num_virtual_tokens, self.token_dim)
         if self.encoder_type == "lstm":
             tokens = self.lstm_head(tokens)[0]

@@ -84,6 +84,7 @@ class SparseDeltaLinear(nn.Module):
         return w if w.dtype == dtype else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (W + delta)^T + b``, the delta added while W is materialised (no dense delta tensor)."""
         dtype = self._compute_dtype(x)
         bias = self.base_layer.bias
         out = sparse_delta_linear(

@@ -132,6 +132,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One fused AdamW update of the masked entries of every parameter (untrained entries untouched)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
