@@ -202,3 +202,61 @@ def test_bad_input_errors_name_the_argument():
         go(**{**base, "activation": "tanh"})
     with pytest.raises(RuntimeError, match=r"adapter_ids\[0\] has 2 entries but x's first \(batch\) dimension is 3"):
         go(**{**base, "ids": [torch.tensor([0, 1])]})
+
+
+# ---- C++ autograd (csrc/adapter/adapter_autograd.cpp) ----------------------------------------------
+
+
+@pytest.mark.parametrize("ln", [False, True])
+@pytest.mark.parametrize("which", ["x", "residual", "down_weight", "up_bias", "ln_weight"])
+def test_gradient_of_one_input_alone(which, ln):
+    """needs_input_grad is honoured per input: the one gradient equals the reference's, the rest stay None."""
+    if which == "ln_weight" and not ln:
+        pytest.skip("no layer norm")
+    B, S, d, r = 3, 4, 16, 4
+    x0, res0 = torch.randn(B, S, d), torch.randn(B, S, d)
+    st0 = [make_stage(2, r, d, torch.float32, "cpu", ln) for _ in range(2)]
+    ids = [torch.tensor([1, 0, 1]), torch.tensor([0, 0, 1])]
+
+    def go(fn):
+        x, res = x0.clone().requires_grad_(which == "x"), res0.clone().requires_grad_(which == "residual")
+        st = [{k: v.detach().clone().requires_grad_(k == which) for k, v in s.items()} for s in st0]
+        call(fn, x, st, [1.0, 0.5], "silu", res, ids).square().sum().backward()
+        return [x, res] + [v for s in st for v in s.values()]
+
+    got, want = go(bottleneck_adapter), go(bottleneck_adapter_reference)
+    assert sum(t.grad is not None for t in got) == (1 if which in ("x", "residual") else 2)
+    for a, b in zip(got, want):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            assert_close(a.grad, b.grad, scale=10)
+
+
+def test_saved_outputs_take_no_gradient():
+    """The op's second output (the per-stage pre-activations) is non-differentiable: a loss that
+    reaches only the first output leaves the backward's other incoming gradients undefined."""
+    B, S, d, r = 2, 3, 8, 2
+    x = leaf(torch.randn(B, S, d))
+    s = make_stage(1, r, d, torch.float32, "cpu", False)
+    out, saved = torch.ops.fastpeft.bottleneck_adapter(
+        x, None, [s["down_weight"]], [s["down_bias"]], [s["up_weight"]], [s["up_bias"]], [], [], [None], [1.0],
+        "relu", 1e-5,
+    )  # fmt: skip
+    assert out.requires_grad and not any(t.requires_grad for t in saved)
+    assert out.grad_fn is not None and all(t.grad_fn is None for t in saved)
+    out.sum().backward()
+    x_ref = leaf(x)
+    call(bottleneck_adapter_reference, x_ref, [s], [1.0], "relu", None, None).sum().backward()
+    assert_close(x.grad, x_ref.grad, scale=10)
+
+
+def test_autograd_is_the_cpp_kernel():
+    """No Python autograd remains on the op: the graph node is the C++ Function, and the Autograd
+    dispatch key holds a kernel registered from C++ (a Python register_autograd would replace it)."""
+    x = leaf(torch.randn(2, 8))
+    s = make_stage(1, 2, 8, torch.float32, "cpu", False)
+    y = call(bottleneck_adapter, x, [s], [1.0], "relu", None, None)
+    assert "BottleneckAdapterFunction" in y.grad_fn.name()
+    dump = torch._C._dispatch_dump("fastpeft::bottleneck_adapter")
+    autograd = [line for line in dump.splitlines() if line.startswith("Autograd")]
+    assert autograd and all("adapter_autograd.cpp" in line for line in autograd), dump

@@ -235,3 +235,50 @@ def test_out_of_range_indices_are_never_written():
     view = out[:10]
     torch.ops.fastpeft.sparse_delta_add_(view, torch.tensor([3, 12]), torch.tensor([1.0, 1.0]))
     assert out.tolist() == [0, 0, 0, 1] + [0] * 16
+
+
+# ---- C++ autograd (csrc/sparse_delta/sparse_delta_autograd.cpp) --------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("which", ["x", "values", "bias"])
+def test_gradient_of_one_input_alone(kind, which):
+    """needs_input_grad is honoured per input: the one gradient equals the reference's, the rest stay None."""
+    out_f, in_f = 24, 64
+    w = make_weight(kind, out_f, in_f, torch.float32, "cpu")
+    idx = random_indices(out_f * in_f, 90, torch.int32)
+    x0, v0, b0 = torch.randn(3, 5, in_f), torch.randn(idx.numel()) * 0.1, torch.randn(out_f)
+
+    def go(fn):
+        x, v, b = (t.clone().requires_grad_(which == name) for t, name in ((x0, "x"), (v0, "values"), (b0, "bias")))
+        fn(x, w, b, idx, v).square().sum().backward()
+        return x, v, b
+
+    got, want = go(sparse_delta_linear), go(sparse_delta_linear_reference)
+    assert sum(t.grad is not None for t in got) == 1
+    for a, b in zip(got, want):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            assert_close(a.grad, b.grad, scale=10)
+
+
+def test_direct_op_call_with_a_trainable_weight_gives_it_no_gradient():
+    """As with the Python autograd before: called directly, the op does not train the dense weight."""
+    x, w = torch.randn(4, 32, requires_grad=True), torch.randn(16, 32, requires_grad=True)
+    idx, values = random_indices(16 * 32, 20), torch.randn(20, requires_grad=True)
+    torch.ops.fastpeft.sparse_delta_linear(x, w, None, idx, values).sum().backward()
+    assert w.grad is None and x.grad is not None and values.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_autograd_is_the_cpp_kernel(kind):
+    """No Python autograd remains on the ops: the graph node is the C++ Function, and the Autograd
+    dispatch key holds a kernel registered from C++ (a Python register_autograd would replace it)."""
+    w = make_weight(kind, 16, 32, torch.float32, "cpu")
+    idx, values = random_indices(16 * 32, 20), torch.randn(20, requires_grad=True)
+    y = sparse_delta_linear(torch.randn(4, 32), w, None, idx, values)
+    assert "SparseDeltaLinear" in y.grad_fn.name()
+    for op in ("sparse_delta_linear", "sparse_delta_linear_4bit"):
+        dump = torch._C._dispatch_dump(f"fastpeft::{op}")
+        autograd = [line for line in dump.splitlines() if line.startswith("Autograd")]
+        assert autograd and all("sparse_delta_autograd.cpp" in line for line in autograd), dump
