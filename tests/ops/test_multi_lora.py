@@ -386,3 +386,79 @@ def test_cuda_segment_kernels_at_scale(dtype, rows, n_adapters):
     assert_error_within(y, y_ref, y32, floor=floor(y32))
     for got, ref, ref32 in zip(grads, grads_ref, grads32):
         assert_error_within(got, ref, ref32, floor=floor(ref32))
+
+
+# ---- C++ autograd (csrc/multi_lora/multi_lora_autograd.cpp) ----------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_gradient_of_each_input_alone(kind):
+    """needs_input_grad is honoured per input: each gradient, asked for alone, equals the
+    reference's, and no other input gets one."""
+    x0 = torch.randn(3, 5, 32)
+    weight = make_weight(kind, 24, 32, torch.float32, "cpu")
+    As, Bs = make_bank([4, 2, 6], 32, 24, torch.float32, "cpu")
+    As, Bs = [a.detach() for a in As], [b.detach() for b in Bs]
+    bias = torch.randn(24)
+    index = torch.tensor([2, -1, 0])
+    names = ["x", "A0", "B2", "A2", "bias"] + (["weight"] if kind == "dense" else [])
+    g = torch.randn(3, 5, 24)
+    for name in names:
+        tensors = {"x": x0, "A0": As[0], "A1": As[1], "A2": As[2], "B0": Bs[0], "B1": Bs[1], "B2": Bs[2], "bias": bias}
+        if kind == "dense":
+            tensors["weight"] = weight
+
+        def inputs():
+            t = {k: v.detach().clone().requires_grad_(k == name) for k, v in tensors.items()}
+            w = t.get("weight", weight)
+            return t, w
+
+        t, w = inputs()
+        y = multi_lora_linear(t["x"], w, t["bias"], [t["A0"], t["A1"], t["A2"]], [t["B0"], t["B1"], t["B2"]],
+                              [1.0, 0.5, 2.0], index)  # fmt: skip
+        y.backward(g)
+        t_ref, w_ref = inputs()
+        r = t_ref
+        y_ref = multi_lora_linear_reference(r["x"], w_ref, r["bias"], [r["A0"], r["A1"], r["A2"]],
+                                            [r["B0"], r["B1"], r["B2"]], [1.0, 0.5, 2.0], index)  # fmt: skip
+        y_ref.backward(g)
+        assert_close(t[name].grad, t_ref[name].grad, scale=10, msg=name)
+        assert all(v.grad is None for k, v in t.items() if k != name), name
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_shrink_output_gets_no_gradient(kind):
+    """The op's second output (the shrink saved for backward) is not differentiable: a loss that
+    also reads it gives the same gradients as one that reads only the layer output."""
+    x = leaf(torch.randn(6, 32))
+    weight = make_weight(kind, 16, 32, torch.float32, "cpu")
+    As, Bs = make_bank([4, 2], 32, 16, torch.float32, "cpu")
+    plan = plan_multi_lora(torch.tensor([1, 0, -1, 1, 1, 0]), 6, 2)
+    if kind == "dense":
+        out, shrink = torch.ops.fastpeft.multi_lora_linear(x, weight, None, As, Bs, [1.0, 2.0], [0.0, 0.0], None,
+                                                           plan.sorted_rows, plan.offsets)  # fmt: skip
+    else:
+        w = weight
+        out, shrink = torch.ops.fastpeft.multi_lora_linear_4bit(
+            x, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.nested_offset, 16, w.blocksize, w.nested_blocksize,
+            w.quant_type, None, As, Bs, [1.0, 2.0], [0.0, 0.0], None, plan.sorted_rows, plan.offsets)  # fmt: skip
+    assert out.requires_grad and not shrink.requires_grad
+    g = torch.randn_like(out)
+    leaves = [x, *As, *Bs]
+    got = torch.autograd.grad((out * g).sum() + shrink.sum(), leaves, retain_graph=True)
+    want = torch.autograd.grad(out, leaves, g)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_autograd_is_the_cpp_kernel():
+    """No Python register_autograd remains for the multi-LoRA ops: the graph node is the C++
+    function, and the ops have no Python autograd registered."""
+    for name in ("multi_lora_linear", "multi_lora_linear_4bit"):
+        dump = torch._C._dispatch_dump(f"fastpeft::{name}").splitlines()
+        [line] = [entry for entry in dump if entry.startswith("Autograd[")]
+        assert "multi_lora_autograd.cpp" in line and "library.py" not in line, line
+    x = leaf(torch.randn(4, 32))
+    y = multi_lora_linear(x, torch.randn(16, 32), None, [leaf(torch.randn(2, 32))], [leaf(torch.randn(16, 2))], [1.0],
+                          torch.tensor([0, -1, 0, 0]))  # fmt: skip
+    assert "MultiLoraLinearFunction" in y.grad_fn.name(), y.grad_fn.name()

@@ -362,3 +362,45 @@ def test_bad_input_device_errors():
         prefix_attention(q, k, v, pk.cpu(), pv.cpu(), idx)
     with pytest.raises(RuntimeError, match=r"prefix_index must be in \[0, N=2\)"):
         prefix_attention(q, k, v, pk, pv, torch.tensor([0, 5], device="cuda"))
+
+
+# ---- C++ autograd (csrc/prefix_attention/prefix_attention_autograd.cpp) ----------------------------
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "prefix_k", "prefix_v"])
+def test_gradient_of_each_input_alone(name):
+    """needs_input_grad is honoured per input: each gradient, asked for alone, equals the
+    reference's, and no other input gets one."""
+    names = ["q", "k", "v", "prefix_k", "prefix_v"]
+    base = make_inputs((3, 4, 2, 5, 5, 16, 2, 3), torch.float32, "cpu", "padding", False)
+    g = torch.randn_like(base[0])
+    grads = []
+    for fn in (prefix_attention, prefix_attention_reference):
+        inputs = [t.detach().clone().requires_grad_(n == name) for n, t in zip(names, base[:5])]
+        fn(*inputs, *base[5:]).backward(g)
+        grads.append(inputs[names.index(name)].grad)
+        assert all(t.grad is None for n, t in zip(names, inputs) if n != name)
+    assert_close(grads[0], grads[1], scale=10)
+
+
+def test_lse_output_gets_no_gradient():
+    """The log-sum-exp output is not differentiable: a loss that also reads it gives the same
+    gradients as one that reads only out."""
+    inputs = make_inputs((2, 4, 2, 5, 5, 16, 2, 3), torch.float32, "cpu", "padding")
+    out, lse = prefix_attention(*inputs, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+    leaves = [inputs[i] for i in range(5)]
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum() + lse.sum(), leaves, retain_graph=True)
+    want = torch.autograd.grad(out, leaves, g)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_autograd_is_the_cpp_kernel():
+    """No Python register_autograd remains for prefix_attention: the Autograd kernel is the C++ one."""
+    dump = torch._C._dispatch_dump("fastpeft::prefix_attention").splitlines()
+    [line] = [entry for entry in dump if entry.startswith("Autograd[")]
+    assert "prefix_attention_autograd.cpp" in line and "library.py" not in line, line
+    inputs = make_inputs((2, 4, 2, 5, 5, 16, 1, 3), torch.float32, "cpu")
+    assert "PrefixAttentionFunction" in prefix_attention(*inputs).grad_fn.name()
