@@ -17,6 +17,11 @@ TORCH_LIBRARY(fastpeft, m) {
       "Tensor? nested_offset, int blocksize, int nested_blocksize, str quant_type, "
       "Tensor(a!) out) -> ()");
 
+  // ---- int8 row-wise weights (bitsandbytes LLM.int8(), Linear8bitLt) ---------------------------
+  // out = (data * scale[:, None]) / 127 per element in float32, rounded once to out's dtype;
+  // data int8 [O, K], scale float32 [O], out [O, K].
+  m.def("dequantize_int8_rowwise_(Tensor data, Tensor scale, Tensor(a!) out) -> ()");
+
   // ---- LoRA -----------------------------------------------------------------------------------
   // out_i = x W_i^T + b_i + scaling_i * (dropout(x) A_i^T) B_i^T; also returns the shrink
   // dropout(x) [A_1; A_2; ...]^T of shape [M, sum r_i], which backward needs.
@@ -40,6 +45,14 @@ TORCH_LIBRARY(fastpeft, m) {
       "Tensor[] lora_A, Tensor[] lora_B, float[] scalings, float dropout_p, Tensor? seed, "
       "bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, "
       "Tensor[] grad_biases)");
+  // LoRA on bitsandbytes int8 weights: weights[i] int8 [O_i, K] (CB), scales[i] float32 [O_i] (SCB).
+  m.def(
+      "lora_linear_8bit(Tensor x, Tensor[] weights, Tensor[] scales, Tensor?[] biases, Tensor[] lora_A, "
+      "Tensor[] lora_B, float[] scalings, float dropout_p, Tensor? seed) -> (Tensor[] outs, Tensor shrink)");
+  m.def(
+      "lora_linear_8bit_backward(Tensor[] grad_outs, Tensor x, Tensor shrink, Tensor[] weights, "
+      "Tensor[] scales, Tensor[] lora_A, Tensor[] lora_B, float[] scalings, float dropout_p, Tensor? seed, "
+      "bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, Tensor[] grad_biases)");
   // The dropout-fused pieces of LoRA (device kernels; the mask is a hash of seed and index).
   m.def("lora_shrink_dropout(Tensor x, Tensor lora_A, float dropout_p, Tensor seed) -> Tensor");
   m.def("lora_grad_A_dropout(Tensor grad_shrink, Tensor x, float dropout_p, Tensor seed) -> Tensor");

@@ -1,4 +1,5 @@
-"""bitsandbytes 4-bit weights (NF4 / FP4, double-quantized or not) as plain tensors.
+"""bitsandbytes quantized weights as plain tensors: 4-bit (NF4 / FP4, double-quantized or not) and
+int8 row-wise (LLM.int8(), ``Linear8bitLt``).
 
 ``Quant4bitWeight.from_bnb`` reads a ``bitsandbytes.nn.Params4bit`` (or a ``Linear4bit`` layer, or
 a packed tensor with its ``QuantState``) without copying the packed weight: ``packed`` is a uint8
@@ -123,6 +124,83 @@ class Quant4bitWeight:
             nested_code=move(self.nested_code),
             nested_offset=move(self.nested_offset),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Weight:
+    """A frozen LLM.int8() weight in bitsandbytes' layout (``Linear8bitLt`` with
+    ``has_fp16_weights=False``): ``W[o, k] = data[o, k] * scale[o] / 127``.
+
+    fastpeft dequantizes it (into the shared workspace) as ``(data * scale) / 127`` in float32 and
+    one rounding to the compute dtype: bit-exact with ``Int8Weight.dequantize_reference``. This is
+    the weight bitsandbytes holds, not bitsandbytes' int8 matmul, which also quantizes the
+    activations row-wise (and keeps outlier columns above ``threshold`` in 16-bit), so outputs
+    differ from bitsandbytes' own forward by that activation quantization.
+    """
+
+    data: torch.Tensor  # int8 [out_features, in_features] (bitsandbytes' CB), the layer's own tensor
+    scale: torch.Tensor  # float32 [out_features] (bitsandbytes' SCB, the per-row absmax)
+
+    def __post_init__(self):
+        if self.data.dtype != torch.int8:
+            raise ValueError(f"Int8Weight: data must be int8 (bitsandbytes' CB), got {self.data.dtype}")
+        if self.data.dim() != 2:
+            raise ValueError(f"Int8Weight: data must be 2-D [out_features, in_features], got {tuple(self.data.shape)}")
+        if self.scale.dtype != torch.float32:
+            raise ValueError(f"Int8Weight: scale must be float32 (bitsandbytes' SCB), got {self.scale.dtype}")
+        if tuple(self.scale.shape) != (self.data.shape[0],):
+            raise ValueError(
+                f"Int8Weight: scale must be [{self.data.shape[0]}] (one per row of data), got {tuple(self.scale.shape)}"
+            )
+        if self.scale.device != self.data.device:
+            raise ValueError(f"Int8Weight: scale is on {self.scale.device} but data is on {self.data.device}")
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @classmethod
+    def from_bnb(cls, layer: Any) -> "Int8Weight":
+        """Read a ``bitsandbytes.nn.Linear8bitLt`` (or its ``Int8Params`` weight) without copying.
+
+        bitsandbytes keeps the row scales in ``weight.SCB`` until the layer's first forward and in
+        ``layer.state.SCB`` afterwards (``weight.SCB`` is then None); both are read. Layers with
+        ``has_fp16_weights=True`` hold a 16/32-bit weight, not int8, and are refused.
+        """
+        weight = getattr(layer, "weight", layer)
+        state = getattr(layer, "state", None)
+        if state is not None and getattr(state, "has_fp16_weights", False):
+            raise ValueError(
+                "Int8Weight.from_bnb: this Linear8bitLt has has_fp16_weights=True, so its weight is not int8 "
+                "(bitsandbytes trains it in 16/32 bit); load it with has_fp16_weights=False (the "
+                "BitsAndBytesConfig(load_in_8bit=True) default) or use a plain nn.Linear"
+            )
+        if getattr(weight, "has_fp16_weights", False):
+            raise ValueError("Int8Weight.from_bnb: the Int8Params has has_fp16_weights=True, so it is not int8")
+        data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+        if data.dtype != torch.int8:
+            raise ValueError(
+                f"Int8Weight.from_bnb: the weight is {data.dtype}, not int8: quantize it first (move the "
+                "Linear8bitLt to a device, as from_pretrained(load_in_8bit=True) does)"
+            )
+        scale = getattr(weight, "SCB", None)
+        if scale is None and state is not None:
+            scale = getattr(state, "SCB", None)
+        if scale is None:
+            raise ValueError("Int8Weight.from_bnb: no row scales (weight.SCB and layer.state.SCB are both None)")
+        return cls(data=data, scale=scale)
+
+    def dequantize_reference(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Plain PyTorch: ``(data.float() * scale[:, None]) / 127``, rounded once to ``dtype``."""
+        return (self.data.float() * self.scale[:, None] / 127).to(dtype)
+
+    def to(self, device) -> "Int8Weight":
+        """A copy of both tensors on ``device``."""
+        return Int8Weight(data=self.data.to(device), scale=self.scale.to(device))
 
 
 def release_workspace() -> None:

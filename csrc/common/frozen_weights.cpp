@@ -11,7 +11,11 @@ namespace fastpeft {
 at::Tensor FrozenWeight::materialize(int64_t in_features, at::ScalarType dtype, at::Device device) const {
   if (!quantized()) return dense;
   auto w = dequant_workspace(out_features * in_features, dtype, device).view({out_features, in_features});
-  dequantize_4bit_into(quant, w);
+  if (is_int8()) {
+    dequantize_int8_rowwise_into(int8, w);
+  } else {
+    dequantize_4bit_into(quant, w);
+  }
   return w;
 }
 
@@ -43,9 +47,20 @@ FrozenWeight frozen_quant4bit_weight(const at::Tensor& x, const at::Tensor& pack
   return w;
 }
 
+FrozenWeight frozen_int8_weight(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale, const char* op,
+                                const std::string& name, const std::string& scale_name) {
+  if (data.defined()) check_same_device(data, x, op, name, "x");
+  FrozenWeight w;
+  w.int8 = make_int8_rowwise_weight(data, scale, x.size(-1), op, name, scale_name);
+  w.out_features = data.size(0);
+  return w;
+}
+
 at::Tensor FrozenWeights::materialize(size_t i, int64_t in_features, at::ScalarType dtype, at::Device device) const {
   FrozenWeight w;
-  if (quantized()) {
+  if (!int8.empty()) {
+    w.int8 = int8[i];
+  } else if (quantized()) {
     w.quant = quant[i];
   } else {
     w.dense = dense[i];
@@ -68,6 +83,13 @@ void add_quant4bit_weight(FrozenWeights& W, const at::Tensor& x, const at::Tenso
   auto w = frozen_quant4bit_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features,
                                    blocksize, nested_blocksize, type, op, name);
   W.quant.push_back(w.quant);
+  W.out_features.push_back(w.out_features);
+}
+
+void add_int8_weight(FrozenWeights& W, const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
+                     const char* op, const std::string& name, const std::string& scale_name) {
+  auto w = frozen_int8_weight(x, data, scale, op, name, scale_name);
+  W.int8.push_back(w.int8);
   W.out_features.push_back(w.out_features);
 }
 

@@ -1,4 +1,4 @@
-// Autograd for lora_linear / lora_linear_4bit, in C++.
+// Autograd for lora_linear / lora_linear_4bit / lora_linear_8bit, in C++.
 //
 // torch.library.register_autograd would run Python on every call: for ops with tensor-list
 // arguments that is ~0.3 ms of pytree packing per layer, more than the kernels of a LoRA layer take
@@ -7,7 +7,8 @@
 // traces through the forward and backward ops.
 //
 // Saved for backward: x, the [M, sum r] shrink output, and references to the weights and adapters
-// (4-bit weights as the packed tensors they are); never a dequantized weight or a dropout mask.
+// (4-bit and int8 weights as the quantized tensors they are); never a dequantized weight or a
+// dropout mask.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -288,11 +289,114 @@ ForwardResult lora_linear_4bit_autograd(const at::Tensor& x, at::TensorList pack
                                                      scalings.vec(), dropout_p, seed));
 }
 
+// ---- bitsandbytes int8 weights --------------------------------------------------------------------
+
+// The int8 weight arguments (CB, SCB), carried as one non-differentiable value.
+struct Int8Args {
+  std::vector<at::Tensor> weights, scales;
+};
+
+struct LoraLinear8bitFunction : public torch::autograd::Function<LoraLinear8bitFunction> {
+  // Inputs, flattened as autograd sees them: x, int8 (one value), the biases present[nb], bias
+  // flags, lora_A[n], lora_B[n], scalings, dropout_p, seed.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const Int8Args& q, at::TensorList biases,
+                               std::vector<bool> has_bias, at::TensorList lora_A, at::TensorList lora_B,
+                               std::vector<double> scalings, double dropout_p, const c10::optional<at::Tensor>& seed) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastpeft::lora_linear_8bit", "")
+                         .typed<ForwardResult(const at::Tensor&, at::TensorList, at::TensorList, const OptTensorList&,
+                                              at::TensorList, at::TensorList, at::ArrayRef<double>, double,
+                                              const c10::optional<at::Tensor>&)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [outs, shrink] = op.call(x, q.weights, q.scales, join_biases(biases, has_bias), lora_A, lora_B, scalings,
+                                  dropout_p, seed);
+    const size_t n = lora_A.size();
+    variable_list saved{x, shrink};
+    saved.insert(saved.end(), lora_A.begin(), lora_A.end());
+    saved.insert(saved.end(), lora_B.begin(), lora_B.end());
+    if (seed.has_value() && seed->defined()) saved.push_back(*seed);
+    ctx->save_for_backward(saved);
+    // The frozen int8 weights are module state, kept by reference (not autograd-saved activations).
+    c10::List<at::Tensor> weights(q.weights), scales(q.scales);
+    ctx->saved_data["weights"] = weights;
+    ctx->saved_data["scales"] = scales;
+    ctx->saved_data["n"] = static_cast<int64_t>(n);
+    ctx->saved_data["has_bias"] = to_bool_list(has_bias);
+    ctx->saved_data["scalings"] = scalings;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["has_seed"] = seed.has_value() && seed->defined();
+    ctx->mark_non_differentiable({shrink});
+    variable_list result(outs.begin(), outs.end());
+    result.push_back(shrink);
+    return result;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("fastpeft::lora_linear_8bit_backward", "")
+            .typed<std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+                at::TensorList, const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
+                at::TensorList, at::ArrayRef<double>, double, const c10::optional<at::Tensor>&,
+                const c10::List<bool>&)>();
+    const size_t n = ctx->saved_data["n"].toInt();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& shrink = saved[1];
+    std::vector<at::Tensor> lora_A(saved.begin() + 2, saved.begin() + 2 + n);
+    std::vector<at::Tensor> lora_B(saved.begin() + 2 + n, saved.begin() + 2 + 2 * n);
+    c10::optional<at::Tensor> seed;
+    if (ctx->saved_data["has_seed"].toBool()) seed = saved[2 + 2 * n];
+
+    const auto has_bias = ctx->saved_data["has_bias"].toBoolList();
+    size_t nb = 0;
+    for (bool h : has_bias) nb += h;
+    auto any_needed = [&](size_t first, size_t count) {
+      for (size_t i = first; i < first + count; ++i)
+        if (ctx->needs_input_grad(i)) return true;
+      return false;
+    };
+    // needs_input_grad counts the tensor inputs only: x (0), biases present (1 ..), lora_A
+    // (1+nb ..), lora_B (1+nb+n ..). The returned list has a slot per argument.
+    const size_t a0 = 1 + nb;
+    const bool need_x = ctx->needs_input_grad(0), need_b = any_needed(1, nb);
+    const bool need_lora = any_needed(a0, n) || any_needed(a0 + n, n);
+
+    const auto weights = ctx->saved_data["weights"].toTensorVector();
+    const auto scales = ctx->saved_data["scales"].toTensorVector();
+    const c10::List<bool> mask({need_x, need_lora, need_b});
+    auto [gx, gA, gB, gb] = op.call(output_grads(grads, x, lora_B), x, shrink, weights, scales, lora_A, lora_B,
+                                    ctx->saved_data["scalings"].toDoubleVector(),
+                                    ctx->saved_data["dropout_p"].toDouble(), seed, mask);
+    variable_list result;
+    result.push_back(need_x ? gx : at::Tensor());
+    result.emplace_back();  // int8 weights
+    for (size_t i = 0; i < n; ++i)
+      if (has_bias[i]) result.push_back(need_b ? gb[i] : at::Tensor());
+    result.emplace_back();  // bias flags
+    for (size_t i = 0; i < n; ++i) result.push_back(need_lora ? gA[i] : at::Tensor());
+    for (size_t i = 0; i < n; ++i) result.push_back(need_lora ? gB[i] : at::Tensor());
+    result.resize(result.size() + 3);  // scalings, dropout_p, seed
+    return result;
+  }
+};
+
+ForwardResult lora_linear_8bit_autograd(const at::Tensor& x, at::TensorList weights, at::TensorList scales,
+                                        const OptTensorList& biases, at::TensorList lora_A, at::TensorList lora_B,
+                                        at::ArrayRef<double> scalings, double dropout_p,
+                                        const c10::optional<at::Tensor>& seed) {
+  Int8Args q{weights.vec(), scales.vec()};
+  const auto b = split_biases(biases);
+  return split_outputs(LoraLinear8bitFunction::apply(x, q, at::TensorList(b.present), b.has, lora_A, lora_B,
+                                                     scalings.vec(), dropout_p, seed));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastpeft, Autograd, m) {
   m.impl("lora_linear", &lora_linear_autograd);
   m.impl("lora_linear_4bit", &lora_linear_4bit_autograd);
+  m.impl("lora_linear_8bit", &lora_linear_8bit_autograd);
 }
 
 }  // namespace fastpeft

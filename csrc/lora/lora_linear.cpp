@@ -1,4 +1,5 @@
-// Fused LoRA linear, forward and backward, for dense and bitsandbytes 4-bit frozen weights.
+// Fused LoRA linear, forward and backward, for dense, bitsandbytes 4-bit and bitsandbytes int8
+// (LLM.int8(), Linear8bitLt) frozen weights.
 //
 // One composite body serves every device: GEMMs go to ATen (cuBLAS / MKL), the dropout-fused
 // pieces and the dequantization go through the dispatcher to this library's device kernels.
@@ -6,7 +7,7 @@
 // Memory rules (the point of the op):
 //  - the LoRA product is accumulated into the base output in place (GEMM with beta = 1);
 //  - dropout is applied inside the shrink kernel: no M x K mask or dropped x exists;
-//  - a 4-bit weight is dequantized into the shared workspace, used, and dropped; backward
+//  - a 4-bit or int8 weight is dequantized into the shared workspace, used, and dropped; backward
 //    dequantizes again;
 //  - what backward needs of the activations is x and the M x r shrink output, nothing else.
 #include <ATen/ATen.h>
@@ -100,6 +101,17 @@ FrozenWeights quant_weights(const at::Tensor& x, at::TensorList packed, at::Tens
     add_quant4bit_weight(W, x, packed[i], absmax[i], nested_absmax[i], nested_code[i], nested_offset[i],
                          out_features[i], blocksizes[i], nested_blocksizes[i], type, kOp,
                          "packed[" + std::to_string(i) + "]");
+  }
+  return W;
+}
+
+FrozenWeights int8_weights(const at::Tensor& x, at::TensorList data, at::TensorList scales) {
+  TORCH_CHECK(scales.size() == data.size(), kOp, ": every int8 weight needs one scale (", data.size(),
+              " weights, ", scales.size(), " scales)");
+  FrozenWeights W;
+  for (size_t i = 0; i < data.size(); ++i) {
+    const std::string idx = "[" + std::to_string(i) + "]";
+    add_int8_weight(W, x, data[i], scales[i], kOp, "weights" + idx, "scales" + idx);
   }
   return W;
 }
@@ -301,6 +313,26 @@ lora_linear_4bit_backward(at::TensorList grad_outs, const at::Tensor& x, const a
   return {g.x, g.A, g.B, g.biases};
 }
 
+std::tuple<std::vector<at::Tensor>, at::Tensor> lora_linear_8bit(
+    const at::Tensor& x, at::TensorList weights, at::TensorList scales,
+    const c10::List<c10::optional<at::Tensor>>& biases, at::TensorList lora_A, at::TensorList lora_B,
+    at::ArrayRef<double> scalings, double dropout_p, const c10::optional<at::Tensor>& seed) {
+  check_float(x, kOp, "x");
+  return lora_forward(x, int8_weights(x, weights, scales), biases, lora_A, lora_B, scalings, dropout_p, seed);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+lora_linear_8bit_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Tensor& shrink,
+                          at::TensorList weights, at::TensorList scales, at::TensorList lora_A, at::TensorList lora_B,
+                          at::ArrayRef<double> scalings, double dropout_p, const c10::optional<at::Tensor>& seed,
+                          const c10::List<bool>& output_mask) {
+  check_float(x, kOp, "x");
+  TORCH_CHECK(output_mask.size() == 3, kOp, "_8bit_backward: output_mask must have 3 entries, got ", output_mask.size());
+  auto g = lora_backward(grad_outs, x, shrink, int8_weights(x, weights, scales), lora_A, lora_B, scalings, dropout_p,
+                         seed, {output_mask[0], output_mask[1], false, output_mask[2]});
+  return {g.x, g.A, g.B, g.biases};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
@@ -308,6 +340,8 @@ TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
   m.impl("lora_linear_backward", &lora_linear_backward);
   m.impl("lora_linear_4bit", &lora_linear_4bit);
   m.impl("lora_linear_4bit_backward", &lora_linear_4bit_backward);
+  m.impl("lora_linear_8bit", &lora_linear_8bit);
+  m.impl("lora_linear_8bit_backward", &lora_linear_8bit_backward);
 }
 
 #ifdef FASTPEFT_WITH_CUDA
@@ -316,6 +350,8 @@ TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
   m.impl("lora_linear_backward", &lora_linear_backward);
   m.impl("lora_linear_4bit", &lora_linear_4bit);
   m.impl("lora_linear_4bit_backward", &lora_linear_4bit_backward);
+  m.impl("lora_linear_8bit", &lora_linear_8bit);
+  m.impl("lora_linear_8bit_backward", &lora_linear_8bit_backward);
 }
 #endif
 

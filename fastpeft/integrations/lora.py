@@ -12,7 +12,7 @@ import copy
 from torch import nn
 
 from fastpeft.integrations.registry import Injection, register_method
-from fastpeft.nn.lora import LoRALinear, is_supported_base
+from fastpeft.nn.lora import LoRALinear, is_bnb_linear8bit, lora_base_problem
 
 # LoraConfig fields fastpeft does not implement, with the value that means "off".
 _UNSUPPORTED_OPTIONS = {
@@ -74,17 +74,22 @@ def _pattern_value(pattern: dict, name: str, default):
 def inject_lora(model: nn.Module, config) -> list:
     """Replace every targeted layer of ``model`` by a LoRALinear, in place; return their names.
 
-    Raises (before changing anything) if a targeted module is not a torch.nn.Linear or a
-    bitsandbytes Linear4bit, naming each such module and its type.
+    Raises (before changing anything) if a targeted module is not a torch.nn.Linear, a
+    bitsandbytes Linear4bit or an int8 bitsandbytes Linear8bitLt, naming each such module and why.
     """
     check_supported(config)
     names = target_module_names(model, config)
     modules = {name: model.get_submodule(name) for name in names}
-    unsupported = [f"{name} ({type(m).__name__})" for name, m in modules.items() if not is_supported_base(m)]
+    problems = {name: lora_base_problem(m) for name, m in modules.items()}
+    unsupported = [
+        f"{name} ({problem if is_bnb_linear8bit(modules[name]) else type(modules[name]).__name__})"
+        for name, problem in problems.items()
+        if problem is not None
+    ]
     if unsupported:
         raise NotImplementedError(
-            "fastpeft LoRA runs on torch.nn.Linear and bitsandbytes Linear4bit layers; these targeted "
-            f"modules are neither: {', '.join(unsupported)}. Narrow target_modules, or use peft for them."
+            "fastpeft LoRA runs on torch.nn.Linear, bitsandbytes Linear4bit and int8 Linear8bitLt layers; "
+            f"these targeted modules are not: {', '.join(unsupported)}. Narrow target_modules, or use peft for them."
         )
     for name, module in modules.items():
         r = _pattern_value(config.rank_pattern, name, config.r)
@@ -110,7 +115,7 @@ def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     if merge:
         for _, module in layers:
-            module.merge()  # raises for 4-bit bases before any layer is replaced
+            module.merge()  # raises for quantized bases before any layer is replaced
     for name, module in layers:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)

@@ -21,7 +21,7 @@ from collections import Counter
 from torch import nn
 
 from fastpeft.integrations import patch_ia3
-from fastpeft.nn.lora import fused_lora_forward, is_supported_base
+from fastpeft.nn.lora import fused_lora_forward, lora_base_problem
 
 _MARK = "_fastpeft_patched"
 
@@ -53,13 +53,15 @@ def _reason_not_fusable(module) -> str | None:
     try:
         from peft.tuners.lora import bnb as lora_bnb
 
-        linear_types += tuple(t for t in (getattr(lora_bnb, "Linear4bit", None),) if t is not None)
+        bnb_types = (getattr(lora_bnb, "Linear4bit", None), getattr(lora_bnb, "Linear8bitLt", None))
+        linear_types += tuple(t for t in bnb_types if t is not None)
     except ImportError:
         pass
     if not isinstance(module, linear_types):
-        return f"{type(module).__name__} LoRA layers are not fused (only Linear / Linear4bit)"
-    if not is_supported_base(module.get_base_layer()):
-        return f"base layer {type(module.get_base_layer()).__name__} is not nn.Linear or bitsandbytes Linear4bit"
+        return f"{type(module).__name__} LoRA layers are not fused (only Linear / Linear4bit / Linear8bitLt)"
+    problem = lora_base_problem(module.get_base_layer())
+    if problem is not None:
+        return f"base layer: {problem}"
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out=True"
     for adapter in module.active_adapters:

@@ -1,4 +1,5 @@
-"""LoRA layers on fastpeft's fused op: a drop-in for peft's ``lora.Linear`` / ``lora.Linear4bit``."""
+"""LoRA layers on fastpeft's fused op: a drop-in for peft's ``lora.Linear`` / ``lora.Linear4bit`` /
+``lora.Linear8bitLt``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from fastpeft.ops.lora import lora_linear_multi
-from fastpeft.quant import Quant4bitWeight
+from fastpeft.quant import Int8Weight, Quant4bitWeight
 
 
 def is_bnb_linear4bit(module: nn.Module) -> bool:
@@ -19,18 +20,56 @@ def is_bnb_linear4bit(module: nn.Module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def is_bnb_linear8bit(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear8bitLt`` (LLM.int8()), whatever its ``has_fp16_weights``."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
+
+
+def _base_kind(module: nn.Module) -> str:
+    if is_bnb_linear4bit(module):
+        return "4bit"
+    if is_bnb_linear8bit(module):
+        return "8bit"
+    return "dense"
+
+
 def _cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def is_supported_base(module: nn.Module) -> bool:
-    """A frozen layer the fused op can run: torch.nn.Linear or bitsandbytes.nn.Linear4bit."""
+    """A frozen layer every fused linear op (LoRA, (IA)^3, sparse deltas, multi-LoRA) can run:
+    torch.nn.Linear or bitsandbytes.nn.Linear4bit. LoRA also runs on Linear8bitLt, see
+    ``is_lora_supported_base``."""
     return type(module) is nn.Linear or is_bnb_linear4bit(module)
+
+
+def lora_base_problem(module: nn.Module):
+    """Why LoRALinear cannot wrap ``module`` (None when it can): it runs on torch.nn.Linear,
+    bitsandbytes Linear4bit and bitsandbytes Linear8bitLt with int8 weights."""
+    if is_supported_base(module):
+        return None
+    if is_bnb_linear8bit(module):
+        if getattr(module.state, "has_fp16_weights", False) or module.weight.dtype != torch.int8:
+            return (
+                "bitsandbytes Linear8bitLt with has_fp16_weights=True (or not yet quantized): its weight is "
+                f"{module.weight.dtype}, not int8"
+            )
+        return None
+    return f"{type(module).__name__} is not nn.Linear, bitsandbytes Linear4bit or Linear8bitLt"
+
+
+def is_lora_supported_base(module: nn.Module) -> bool:
+    """A frozen layer LoRALinear can wrap: nn.Linear, bitsandbytes Linear4bit, or Linear8bitLt with
+    int8 weights (``has_fp16_weights=False``, the ``load_in_8bit`` default)."""
+    return lora_base_problem(module) is None
 
 
 def compute_dtype(base_layer: nn.Module, x: torch.Tensor, is_4bit: bool) -> torch.dtype:
     """The dtype the fused op runs in: the base weight's (the autocast dtype under torch.autocast)
-    for a dense base, ``compute_dtype`` (else x's dtype) for a bitsandbytes 4-bit base."""
+    for a dense base, ``compute_dtype`` (else x's dtype) for a bitsandbytes 4-bit base. (For a
+    bitsandbytes int8 base see ``lora_compute_dtype``.)"""
     if is_4bit:
         return getattr(base_layer, "compute_dtype", None) or x.dtype
     if torch.is_autocast_enabled(x.device.type):
@@ -38,30 +77,57 @@ def compute_dtype(base_layer: nn.Module, x: torch.Tensor, is_4bit: bool) -> torc
     return base_layer.weight.dtype
 
 
-def fused_lora_args(base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor, is_4bit=None):
-    """(compute dtype, frozen weight, bias, A, B) for the fused op; tensors in the compute dtype."""
+def lora_compute_dtype(base_layer: nn.Module, x: torch.Tensor, kind: str) -> torch.dtype:
+    """``compute_dtype``, and for a bitsandbytes int8 base: the autocast dtype under
+    torch.autocast, else x's dtype (bitsandbytes' 8-bit matmul runs in x's dtype)."""
+    if kind == "8bit":
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+    return compute_dtype(base_layer, x, kind == "4bit")
+
+
+def _kind_of(base_layer, is_4bit) -> str:
+    # is_4bit: None (detect), a bool (the historical flag: 4-bit or dense) or the kind itself.
+    if isinstance(is_4bit, str):
+        return is_4bit
     if is_4bit is None:
-        is_4bit = is_bnb_linear4bit(base_layer)
-    dtype = compute_dtype(base_layer, x, is_4bit)
-    weight = Quant4bitWeight.from_bnb(base_layer.weight) if is_4bit else _cast(base_layer.weight, dtype)
+        return _base_kind(base_layer)
+    return "4bit" if is_4bit else "dense"
+
+
+def fused_lora_args(base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor, is_4bit=None):
+    """(compute dtype, frozen weight, bias, A, B) for the fused op; tensors in the compute dtype.
+
+    ``is_4bit`` may also be the base kind, ``"dense"``, ``"4bit"`` or ``"8bit"`` (None: detected)."""
+    kind = _kind_of(base_layer, is_4bit)
+    dtype = lora_compute_dtype(base_layer, x, kind)
+    if kind == "4bit":
+        weight = Quant4bitWeight.from_bnb(base_layer.weight)
+    elif kind == "8bit":
+        weight = Int8Weight.from_bnb(base_layer)
+    else:
+        weight = _cast(base_layer.weight, dtype)
     return dtype, weight, _cast(base_layer.bias, dtype), _cast(lora_A, dtype), _cast(lora_B, dtype)
 
 
 def fused_lora_forward(base_layer, lora_A, lora_B, scaling, dropout_p, x, is_4bit=None):
-    """``base_layer(x) + scaling * (dropout(x) A^T) B^T`` through the fused op (one projection)."""
-    if is_4bit is None:
-        is_4bit = is_bnb_linear4bit(base_layer)
-    dtype, weight, bias, A, B = fused_lora_args(base_layer, lora_A, lora_B, x, is_4bit)
+    """``base_layer(x) + scaling * (dropout(x) A^T) B^T`` through the fused op (one projection).
+
+    A quantized base (4-bit or int8) returns x's dtype, as bitsandbytes does."""
+    kind = _kind_of(base_layer, is_4bit)
+    dtype, weight, bias, A, B = fused_lora_args(base_layer, lora_A, lora_B, x, kind)
     (out,) = lora_linear_multi(_cast(x, dtype), [weight], [bias], [A], [B], [scaling], dropout_p)
-    return _cast(out, x.dtype) if is_4bit else out
+    return _cast(out, x.dtype) if kind != "dense" else out
 
 
 class LoRALinear(nn.Module):
-    """Low-rank adapter around a frozen ``torch.nn.Linear`` or ``bitsandbytes.nn.Linear4bit``.
+    """Low-rank adapter around a frozen ``torch.nn.Linear``, ``bitsandbytes.nn.Linear4bit`` or
+    ``bitsandbytes.nn.Linear8bitLt`` (int8 weights, ``has_fp16_weights=False``).
 
     ``forward(x) = base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` computed by one fused op
     (``fastpeft.ops.lora_linear``): the low-rank product is accumulated into the base output in
-    place, dropout is applied inside the shrink GEMM (no mask is stored), a 4-bit weight is
+    place, dropout is applied inside the shrink GEMM (no mask is stored), a 4-bit or int8 weight is
     dequantized into a shared workspace and never kept, and backward keeps only x and the
     [tokens, r] shrink output.
 
@@ -72,8 +138,14 @@ class LoRALinear(nn.Module):
     to the compute dtype in forward; pass ``dtype`` to keep them in another dtype.
 
     The compute dtype is the base weight's dtype for a dense base (the autocast dtype under
-    ``torch.autocast``), and ``base_layer.compute_dtype`` (else x's dtype) for a 4-bit base, whose
-    output is returned in x's dtype as bitsandbytes does.
+    ``torch.autocast``), ``base_layer.compute_dtype`` (else x's dtype) for a 4-bit base, and x's
+    dtype (the autocast dtype under ``torch.autocast``) for an int8 base; quantized bases return
+    x's dtype, as bitsandbytes does.
+
+    An int8 base computes ``x W^T`` with the dequantized weight ``W = CB * SCB / 127`` in the compute
+    dtype. bitsandbytes' own 8-bit forward also quantizes x to int8 (keeping outlier columns above
+    ``threshold`` in 16-bit), so the base output differs from ``base_layer(x)`` by that activation
+    quantization; it equals ``F.linear(x, W)``.
     """
 
     def __init__(
@@ -93,13 +165,15 @@ class LoRALinear(nn.Module):
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(
-                "LoRALinear wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got " f"{type(base_layer).__name__}"
+                "LoRALinear wraps torch.nn.Linear, bitsandbytes.nn.Linear4bit or bitsandbytes.nn.Linear8bitLt, got "
+                f"{type(base_layer).__name__}"
             )
-        self.is_4bit = is_bnb_linear4bit(base_layer)
-        if not is_supported_base(base_layer):
-            raise TypeError(
-                f"LoRALinear supports torch.nn.Linear and bitsandbytes.nn.Linear4bit, not {type(base_layer).__name__}"
-            )
+        problem = lora_base_problem(base_layer)
+        if problem is not None:
+            raise TypeError(f"LoRALinear cannot wrap this layer: {problem}")
+        self.base_kind = _base_kind(base_layer)  # "dense", "4bit" or "8bit"
+        self.is_4bit = self.base_kind == "4bit"
+        self.is_8bit = self.base_kind == "8bit"
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -138,7 +212,7 @@ class LoRALinear(nn.Module):
     def forward_args(self, x: torch.Tensor):
         """(compute dtype, weight, bias, A, B) for the fused op, all in the compute dtype."""
         self._check_input(x)
-        return fused_lora_args(self.base_layer, self.lora_A.weight, self.lora_B.weight, x, self.is_4bit)
+        return fused_lora_args(self.base_layer, self.lora_A.weight, self.lora_B.weight, x, self.base_kind)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + scaling * B(A(dropout(x)))`` in one fused op (the base alone when merged)."""
@@ -147,7 +221,7 @@ class LoRALinear(nn.Module):
         self._check_input(x)
         p = self.lora_dropout if self.training else 0.0
         return fused_lora_forward(self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, p, x,
-                                  self.is_4bit)
+                                  self.base_kind)
 
     # ---- merge -----------------------------------------------------------------------------------
 
@@ -157,10 +231,10 @@ class LoRALinear(nn.Module):
 
     def merge(self) -> None:
         """Add the adapter into a dense base weight; forward then runs the base layer alone."""
-        if self.is_4bit:
+        if self.base_kind != "dense":
             raise NotImplementedError(
-                "merge() needs a dense base layer: a 4-bit weight cannot hold the merged update exactly. "
-                "Dequantize the base to a dense nn.Linear first."
+                f"merge() needs a dense base layer: a {self.base_kind.replace('4bit', '4-bit').replace('8bit', 'int8')} weight cannot hold the merged update "
+                "exactly. Dequantize the base to a dense nn.Linear first."
             )
         if self.merged:
             return
@@ -179,7 +253,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        kind = "nf4/fp4" if self.is_4bit else "dense"
+        kind = {"4bit": "nf4/fp4", "8bit": "int8"}.get(self.base_kind, "dense")
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout}, base={kind}"
 
 
@@ -199,8 +273,8 @@ class LoRAProjectionGroup(nn.Module):
             raise TypeError("LoRAProjectionGroup takes a non-empty list of LoRALinear layers")
         if len({layer.in_features for layer in layers}) != 1:
             raise ValueError("all layers of a group must have the same in_features")
-        if len({layer.is_4bit for layer in layers}) != 1:
-            raise ValueError("a group cannot mix dense and 4-bit base layers")
+        if len({layer.base_kind for layer in layers}) != 1:
+            raise ValueError("a group cannot mix dense, 4-bit and int8 base layers")
         if len({layer.lora_dropout for layer in layers}) != 1:
             raise ValueError("all layers of a group must have the same lora_dropout (they share one mask)")
         self.layers = nn.ModuleList(layers)
@@ -224,4 +298,4 @@ class LoRAProjectionGroup(nn.Module):
             [layer.scaling for layer in self.layers],
             p,
         )
-        return tuple(o.to(x.dtype) for o in outs) if first.is_4bit else tuple(outs)
+        return tuple(o.to(x.dtype) for o in outs) if first.base_kind != "dense" else tuple(outs)

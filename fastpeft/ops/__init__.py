@@ -7,6 +7,7 @@ from fastpeft.ops.lora import lora_linear, lora_linear_multi, lora_linear_refere
 from fastpeft.ops.prefix_attention import prefix_attention, prefix_attention_reference
 from fastpeft.ops.multi_lora import MultiLoRAPlan, multi_lora_linear, multi_lora_linear_reference, plan_multi_lora
 from fastpeft.ops.quant4bit import dequantize_4bit, dequantize_4bit_reference
+from fastpeft.ops.quant8bit import dequantize_int8
 from fastpeft.ops.sparse_delta import sparse_delta_linear, sparse_delta_linear_reference
 from fastpeft.ops.sparse_optim import sparse_adamw_step, sparse_adamw_step_reference
 
@@ -15,6 +16,7 @@ __all__ = [
     "bottleneck_adapter_reference",
     "dequantize_4bit",
     "dequantize_4bit_reference",
+    "dequantize_int8",
     "dropout_reference",
     "ia3_linear",
     "ia3_linear_reference",

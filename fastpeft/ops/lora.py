@@ -1,7 +1,8 @@
 """Fused LoRA linear: ``out = x W^T + b + scaling * (dropout(x) A^T) B^T``.
 
-The ops are ``torch.ops.fastpeft.lora_linear`` (dense W) and ``torch.ops.fastpeft.lora_linear_4bit``
-(bitsandbytes NF4/FP4 W), each over a list of projections that share the input x (one shrink GEMM
+The ops are ``torch.ops.fastpeft.lora_linear`` (dense W), ``torch.ops.fastpeft.lora_linear_4bit``
+(bitsandbytes NF4/FP4 W) and ``torch.ops.fastpeft.lora_linear_8bit`` (bitsandbytes LLM.int8() W,
+int8 rows with a float32 absmax each), each over a list of projections that share the input x (one shrink GEMM
 over the concatenated A matrices). This module registers their fake kernels and autograd, and
 holds the plain-PyTorch reference.
 
@@ -20,9 +21,9 @@ import torch.nn.functional as F
 
 from fastpeft.ops.dropout import dropout_reference, new_seed
 from fastpeft.ops.quant4bit import dequantize_4bit_reference
-from fastpeft.quant import Quant4bitWeight
+from fastpeft.quant import Int8Weight, Quant4bitWeight
 
-Weight = Union[torch.Tensor, Quant4bitWeight]
+Weight = Union[torch.Tensor, Quant4bitWeight, Int8Weight]
 
 # ---- fake (meta) kernels -------------------------------------------------------------------------
 
@@ -66,6 +67,17 @@ def _(grad_outs, x, shrink, packed, absmax, nested_absmax, nested_code, nested_o
     return gx, ga, gb, gbias
 
 
+@torch.library.register_fake("fastpeft::lora_linear_8bit")
+def _(x, weights, scales, biases, lora_A, lora_B, scalings, dropout_p, seed):
+    return _fake_forward(x, lora_A, [w.shape[0] for w in weights])
+
+
+@torch.library.register_fake("fastpeft::lora_linear_8bit_backward")
+def _(grad_outs, x, shrink, weights, scales, lora_A, lora_B, scalings, dropout_p, seed, output_mask):
+    gx, ga, gb, _, gbias = _fake_backward([output_mask[0], output_mask[1], False, output_mask[2]], x, lora_A, lora_B)
+    return gx, ga, gb, gbias
+
+
 @torch.library.register_fake("fastpeft::lora_shrink_dropout")
 def _(x, lora_A, dropout_p, seed):
     return x.new_empty((x.shape[0], lora_A.shape[0]))
@@ -81,7 +93,7 @@ def _(grad_x, grad_shrink, lora_A, dropout_p, seed):
     return None
 
 
-# Autograd for lora_linear and lora_linear_4bit is registered in C++ (csrc/lora/lora_autograd.cpp):
+# Autograd for lora_linear, lora_linear_4bit and lora_linear_8bit is registered in C++ (csrc/lora/lora_autograd.cpp):
 # a Python autograd wrapper costs more per call than the layer's kernels on a GPU.
 
 # ---- public functions ----------------------------------------------------------------------------
@@ -110,8 +122,8 @@ def lora_linear_multi(
 
     One shrink GEMM runs over the concatenated ``lora_A`` matrices, and one dropout mask applies to
     the shared ``x`` (each projection sees the same dropped input, unlike peft's independent
-    dropout modules). ``weights`` are all dense tensors [out_i, in] or all ``Quant4bitWeight`` of
-    one quant_type; ``lora_A[i]`` is [r_i, in], ``lora_B[i]`` is [out_i, r_i]; every tensor has
+    dropout modules). ``weights`` are all dense tensors [out_i, in], all ``Quant4bitWeight`` of
+    one quant_type, or all ``Int8Weight``; ``lora_A[i]`` is [r_i, in], ``lora_B[i]`` is [out_i, r_i]; every tensor has
     x's dtype and device. ``seed`` (an int64 tensor of one element) fixes the dropout mask; by
     default a fresh one is drawn from torch's CPU generator. Returns one output per weight,
     shaped ``[..., out_i]``.
@@ -128,14 +140,23 @@ def lora_linear_multi(
     if all(isinstance(w, torch.Tensor) for w in weights):
         outs, _ = torch.ops.fastpeft.lora_linear(x, weights, biases, list(lora_A), list(lora_B), scalings, dropout_p, seed)
         return list(outs)
+    for i, w in enumerate(weights):
+        if isinstance(w, (Quant4bitWeight, Int8Weight)) and (len(w.shape) != 2 or w.shape[1] != x.shape[-1]):
+            raise ValueError(f"weights[{i}] has shape {tuple(w.shape)} but x has {x.shape[-1]} features")
+    if all(isinstance(w, Int8Weight) for w in weights):
+        outs, _ = torch.ops.fastpeft.lora_linear_8bit(
+            x, [w.data for w in weights], [w.scale for w in weights], biases, list(lora_A), list(lora_B), scalings,
+            dropout_p, seed,
+        )  # fmt: skip
+        return list(outs)
     if not all(isinstance(w, Quant4bitWeight) for w in weights):
-        raise TypeError("weights must be all torch.Tensor (dense) or all fastpeft.quant.Quant4bitWeight")
+        raise TypeError(
+            "weights must be all torch.Tensor (dense), all fastpeft.quant.Quant4bitWeight or all "
+            "fastpeft.quant.Int8Weight"
+        )
     quant_types = {w.quant_type for w in weights}
     if len(quant_types) != 1:
         raise ValueError(f"all 4-bit weights of one call must share a quant_type, got {sorted(quant_types)}")
-    for i, w in enumerate(weights):
-        if len(w.shape) != 2 or w.shape[1] != x.shape[-1]:
-            raise ValueError(f"weights[{i}] has shape {tuple(w.shape)} but x has {x.shape[-1]} features")
     outs, _ = torch.ops.fastpeft.lora_linear_4bit(
         x,
         [w.packed for w in weights],
@@ -169,7 +190,8 @@ def lora_linear(
 ) -> torch.Tensor:
     """Fused LoRA linear ``x W^T + b + scaling * (dropout(x) A^T) B^T``, forward and backward.
 
-    ``weight`` is a dense [out, in] tensor or a ``fastpeft.quant.Quant4bitWeight`` (QLoRA);
+    ``weight`` is a dense [out, in] tensor, a ``fastpeft.quant.Quant4bitWeight`` (QLoRA) or a
+    ``fastpeft.quant.Int8Weight`` (LoRA on an LLM.int8() base);
     ``lora_A`` is [r, in], ``lora_B`` [out, r], all in x's dtype (float32, float16 or bfloat16)
     on x's device; x is [..., in]. Gradients flow to x, lora_A, lora_B, the bias, and a dense
     weight that requires grad. ``dropout_p`` applies inverted dropout to x in the LoRA branch;
@@ -189,7 +211,12 @@ def lora_linear_reference(
     seed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Plain-PyTorch ``lora_linear`` (autograd through ordinary ops), with the same dropout mask."""
-    w = dequantize_4bit_reference(weight, x.dtype) if isinstance(weight, Quant4bitWeight) else weight
+    if isinstance(weight, Quant4bitWeight):
+        w = dequantize_4bit_reference(weight, x.dtype)
+    elif isinstance(weight, Int8Weight):
+        w = weight.dequantize_reference(x.dtype)
+    else:
+        w = weight
     base = F.linear(x, w, bias)
     dropped = dropout_reference(x, dropout_p, seed) if dropout_p > 0 else x
     return base + scaling * F.linear(F.linear(dropped, lora_A), lora_B)

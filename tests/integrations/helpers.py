@@ -46,6 +46,17 @@ def tiny_model_4bit(arch: str, tmp_path, seed: int = 0):
     return cls.from_pretrained(folder, quantization_config=quant, device_map={"": "cpu"})
 
 
+def tiny_model_8bit(arch: str, tmp_path, seed: int = 0):
+    """The tiny model saved and reloaded with its linear layers in LLM.int8() (bitsandbytes
+    Linear8bitLt with int8 weights, on the CPU)."""
+    folder = tmp_path / f"{arch}-dense"
+    if not folder.exists():
+        tiny_model(arch, seed).save_pretrained(folder)
+    quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["classifier", "lm_head"])
+    cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "bert": BertForSequenceClassification}[arch]
+    return cls.from_pretrained(folder, quantization_config=quant, device_map={"": "cpu"})
+
+
 def lora_config(arch: str, **kwargs):
     if arch == "bert":
         kwargs.setdefault("target_modules", ["query", "key", "value", "dense"])

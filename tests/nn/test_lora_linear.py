@@ -274,7 +274,7 @@ def test_bad_arguments():
         LoRALinear(nn.Linear(8, 8), r=0, lora_alpha=1)
     with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\), got -0.1"):
         LoRALinear(nn.Linear(8, 8), r=2, lora_alpha=1, lora_dropout=-0.1)
-    with pytest.raises(TypeError, match="wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got Conv1d"):
+    with pytest.raises(TypeError, match="wraps torch.nn.Linear, bitsandbytes.nn.Linear4bit or bitsandbytes.nn.Linear8bitLt, got Conv1d"):
         LoRALinear(nn.Conv1d(8, 8, 1), r=2, lora_alpha=1)
     with pytest.raises(ValueError, match="same in_features"):
         LoRAProjectionGroup([LoRALinear(nn.Linear(8, 8), 2, 2), LoRALinear(nn.Linear(16, 8), 2, 2)])
