@@ -172,6 +172,89 @@ ForwardResult lora_linear_autograd(const at::Tensor& x, at::TensorList weights, 
                                                  scalings.vec(), dropout_p, seed));
 }
 
+// ---- shared by the quantized-weight functions (4-bit, int8) ----------------------------------------
+// Their inputs, flattened as autograd sees them: x, the weight (one non-differentiable value), the
+// biases present[nb], bias flags, lora_A[n], lora_B[n], scalings, dropout_p, seed. The weights are
+// module state kept by reference in saved_data by each function; everything else is saved here.
+
+variable_list save_lora_state(AutogradContext* ctx, const at::Tensor& x, std::vector<at::Tensor> outs,
+                              const at::Tensor& shrink, at::TensorList lora_A, at::TensorList lora_B,
+                              const std::vector<bool>& has_bias, const std::vector<double>& scalings,
+                              double dropout_p, const c10::optional<at::Tensor>& seed) {
+  variable_list saved{x, shrink};
+  saved.insert(saved.end(), lora_A.begin(), lora_A.end());
+  saved.insert(saved.end(), lora_B.begin(), lora_B.end());
+  const bool has_seed = seed.has_value() && seed->defined();
+  if (has_seed) saved.push_back(*seed);
+  ctx->save_for_backward(saved);
+  ctx->saved_data["n"] = static_cast<int64_t>(lora_A.size());
+  ctx->saved_data["has_bias"] = to_bool_list(has_bias);
+  ctx->saved_data["scalings"] = scalings;
+  ctx->saved_data["dropout_p"] = dropout_p;
+  ctx->saved_data["has_seed"] = has_seed;
+  ctx->mark_non_differentiable({shrink});
+  variable_list result(outs.begin(), outs.end());
+  result.push_back(shrink);
+  return result;
+}
+
+struct SavedLora {
+  size_t n = 0;
+  at::Tensor x, shrink;
+  std::vector<at::Tensor> lora_A, lora_B, grad_out;
+  c10::optional<at::Tensor> seed;
+  std::vector<bool> has_bias;
+  std::vector<double> scalings;
+  double dropout_p = 0.0;
+  bool need_x = false, need_b = false, need_lora = false;
+
+  c10::List<bool> mask() const { return c10::List<bool>({need_x, need_lora, need_b}); }
+};
+
+SavedLora load_lora_state(AutogradContext* ctx, const variable_list& grads) {
+  SavedLora s;
+  s.n = ctx->saved_data["n"].toInt();
+  const auto saved = ctx->get_saved_variables();
+  s.x = saved[0];
+  s.shrink = saved[1];
+  s.lora_A.assign(saved.begin() + 2, saved.begin() + 2 + s.n);
+  s.lora_B.assign(saved.begin() + 2 + s.n, saved.begin() + 2 + 2 * s.n);
+  if (ctx->saved_data["has_seed"].toBool()) s.seed = saved[2 + 2 * s.n];
+  for (bool h : ctx->saved_data["has_bias"].toBoolList()) s.has_bias.push_back(h);
+  s.scalings = ctx->saved_data["scalings"].toDoubleVector();
+  s.dropout_p = ctx->saved_data["dropout_p"].toDouble();
+  size_t nb = 0;
+  for (bool h : s.has_bias) nb += h;
+  auto any_needed = [&](size_t first, size_t count) {
+    for (size_t i = first; i < first + count; ++i)
+      if (ctx->needs_input_grad(i)) return true;
+    return false;
+  };
+  // needs_input_grad counts the tensor inputs only: x (0), biases present (1 ..), lora_A
+  // (1+nb ..), lora_B (1+nb+n ..).
+  const size_t a0 = 1 + nb;
+  s.need_x = ctx->needs_input_grad(0);
+  s.need_b = any_needed(1, nb);
+  s.need_lora = any_needed(a0, s.n) || any_needed(a0 + s.n, s.n);
+  s.grad_out = output_grads(grads, s.x, s.lora_B);
+  return s;
+}
+
+// The returned list has a slot per argument (see the input order above).
+variable_list lora_input_grads(const SavedLora& s, const at::Tensor& gx, const std::vector<at::Tensor>& gA,
+                               const std::vector<at::Tensor>& gB, const std::vector<at::Tensor>& gb) {
+  variable_list result;
+  result.push_back(s.need_x ? gx : at::Tensor());
+  result.emplace_back();  // the quantized weight
+  for (size_t i = 0; i < s.n; ++i)
+    if (s.has_bias[i]) result.push_back(s.need_b ? gb[i] : at::Tensor());
+  result.emplace_back();  // bias flags
+  for (size_t i = 0; i < s.n; ++i) result.push_back(s.need_lora ? gA[i] : at::Tensor());
+  for (size_t i = 0; i < s.n; ++i) result.push_back(s.need_lora ? gB[i] : at::Tensor());
+  result.resize(result.size() + 3);  // scalings, dropout_p, seed
+  return result;
+}
+
 // ---- bitsandbytes 4-bit weights -----------------------------------------------------------------
 
 struct LoraLinear4bitFunction : public torch::autograd::Function<LoraLinear4bitFunction> {
@@ -193,16 +276,9 @@ struct LoraLinear4bitFunction : public torch::autograd::Function<LoraLinear4bitF
                                   q.out_features, q.blocksizes, q.nested_blocksizes, q.quant_type,
                                   join_biases(biases, has_bias),
                                   lora_A, lora_B, scalings, dropout_p, seed);
-    const size_t n = lora_A.size();
-    variable_list saved{x, shrink};
-    saved.insert(saved.end(), lora_A.begin(), lora_A.end());
-    saved.insert(saved.end(), lora_B.begin(), lora_B.end());
-    if (seed.has_value() && seed->defined()) saved.push_back(*seed);
-    ctx->save_for_backward(saved);
     // The frozen packed weights are module state, kept by reference (not autograd-saved activations).
-    c10::List<at::Tensor> packed(q.packed), absmax(q.absmax);
-    ctx->saved_data["packed"] = packed;
-    ctx->saved_data["absmax"] = absmax;
+    ctx->saved_data["packed"] = c10::List<at::Tensor>(q.packed);
+    ctx->saved_data["absmax"] = c10::List<at::Tensor>(q.absmax);
     ctx->saved_data["nested_absmax"] = q.nested_absmax;
     ctx->saved_data["nested_code"] = q.nested_code;
     ctx->saved_data["nested_offset"] = q.nested_offset;
@@ -210,15 +286,7 @@ struct LoraLinear4bitFunction : public torch::autograd::Function<LoraLinear4bitF
     ctx->saved_data["blocksizes"] = q.blocksizes;
     ctx->saved_data["nested_blocksizes"] = q.nested_blocksizes;
     ctx->saved_data["quant_type"] = q.quant_type;
-    ctx->saved_data["n"] = static_cast<int64_t>(n);
-    ctx->saved_data["has_bias"] = to_bool_list(has_bias);
-    ctx->saved_data["scalings"] = scalings;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["has_seed"] = seed.has_value() && seed->defined();
-    ctx->mark_non_differentiable({shrink});
-    variable_list result(outs.begin(), outs.end());
-    result.push_back(shrink);
-    return result;
+    return save_lora_state(ctx, x, outs, shrink, lora_A, lora_B, has_bias, scalings, dropout_p, seed);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -230,48 +298,15 @@ struct LoraLinear4bitFunction : public torch::autograd::Function<LoraLinear4bitF
                 const OptTensorList&, const OptTensorList&, const OptTensorList&, at::IntArrayRef, at::IntArrayRef,
                 at::IntArrayRef, c10::string_view, at::TensorList, at::TensorList, at::ArrayRef<double>, double,
                 const c10::optional<at::Tensor>&, const c10::List<bool>&)>();
-    const size_t n = ctx->saved_data["n"].toInt();
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& shrink = saved[1];
-    std::vector<at::Tensor> lora_A(saved.begin() + 2, saved.begin() + 2 + n);
-    std::vector<at::Tensor> lora_B(saved.begin() + 2 + n, saved.begin() + 2 + 2 * n);
-    c10::optional<at::Tensor> seed;
-    if (ctx->saved_data["has_seed"].toBool()) seed = saved[2 + 2 * n];
-
-    const auto has_bias = ctx->saved_data["has_bias"].toBoolList();
-    size_t nb = 0;
-    for (bool h : has_bias) nb += h;
-    auto any_needed = [&](size_t first, size_t count) {
-      for (size_t i = first; i < first + count; ++i)
-        if (ctx->needs_input_grad(i)) return true;
-      return false;
-    };
-    // needs_input_grad counts the tensor inputs only: x (0), biases present (1 ..), lora_A
-    // (1+nb ..), lora_B (1+nb+n ..). The returned list has a slot per argument.
-    const size_t a0 = 1 + nb;
-    const bool need_x = ctx->needs_input_grad(0), need_b = any_needed(1, nb);
-    const bool need_lora = any_needed(a0, n) || any_needed(a0 + n, n);
-
-    const auto packed = ctx->saved_data["packed"].toTensorVector();
-    const auto absmax = ctx->saved_data["absmax"].toTensorVector();
-    const c10::List<bool> mask({need_x, need_lora, need_b});
-    auto [gx, gA, gB, gb] = op.call(
-        output_grads(grads, x, lora_B), x, shrink, packed, absmax, ctx->saved_data["nested_absmax"].toOptionalTensorList(),
-        ctx->saved_data["nested_code"].toOptionalTensorList(), ctx->saved_data["nested_offset"].toOptionalTensorList(),
-        ctx->saved_data["out_features"].toIntVector(), ctx->saved_data["blocksizes"].toIntVector(),
-        ctx->saved_data["nested_blocksizes"].toIntVector(), ctx->saved_data["quant_type"].toStringRef(), lora_A,
-        lora_B, ctx->saved_data["scalings"].toDoubleVector(), ctx->saved_data["dropout_p"].toDouble(), seed, mask);
-    variable_list result;
-    result.push_back(need_x ? gx : at::Tensor());
-    result.emplace_back();  // quant
-    for (size_t i = 0; i < n; ++i)
-      if (has_bias[i]) result.push_back(need_b ? gb[i] : at::Tensor());
-    result.emplace_back();  // bias flags
-    for (size_t i = 0; i < n; ++i) result.push_back(need_lora ? gA[i] : at::Tensor());
-    for (size_t i = 0; i < n; ++i) result.push_back(need_lora ? gB[i] : at::Tensor());
-    result.resize(result.size() + 3);  // scalings, dropout_p, seed
-    return result;
+    const auto s = load_lora_state(ctx, grads);
+    auto& d = ctx->saved_data;
+    auto [gx, gA, gB, gb] = op.call(s.grad_out, s.x, s.shrink, d["packed"].toTensorVector(),
+                                    d["absmax"].toTensorVector(), d["nested_absmax"].toOptionalTensorList(),
+                                    d["nested_code"].toOptionalTensorList(), d["nested_offset"].toOptionalTensorList(),
+                                    d["out_features"].toIntVector(), d["blocksizes"].toIntVector(),
+                                    d["nested_blocksizes"].toIntVector(), d["quant_type"].toStringRef(), s.lora_A,
+                                    s.lora_B, s.scalings, s.dropout_p, s.seed, s.mask());
+    return lora_input_grads(s, gx, gA, gB, gb);
   }
 };
 
@@ -310,25 +345,10 @@ struct LoraLinear8bitFunction : public torch::autograd::Function<LoraLinear8bitF
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [outs, shrink] = op.call(x, q.weights, q.scales, join_biases(biases, has_bias), lora_A, lora_B, scalings,
                                   dropout_p, seed);
-    const size_t n = lora_A.size();
-    variable_list saved{x, shrink};
-    saved.insert(saved.end(), lora_A.begin(), lora_A.end());
-    saved.insert(saved.end(), lora_B.begin(), lora_B.end());
-    if (seed.has_value() && seed->defined()) saved.push_back(*seed);
-    ctx->save_for_backward(saved);
     // The frozen int8 weights are module state, kept by reference (not autograd-saved activations).
-    c10::List<at::Tensor> weights(q.weights), scales(q.scales);
-    ctx->saved_data["weights"] = weights;
-    ctx->saved_data["scales"] = scales;
-    ctx->saved_data["n"] = static_cast<int64_t>(n);
-    ctx->saved_data["has_bias"] = to_bool_list(has_bias);
-    ctx->saved_data["scalings"] = scalings;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["has_seed"] = seed.has_value() && seed->defined();
-    ctx->mark_non_differentiable({shrink});
-    variable_list result(outs.begin(), outs.end());
-    result.push_back(shrink);
-    return result;
+    ctx->saved_data["weights"] = c10::List<at::Tensor>(q.weights);
+    ctx->saved_data["scales"] = c10::List<at::Tensor>(q.scales);
+    return save_lora_state(ctx, x, outs, shrink, lora_A, lora_B, has_bias, scalings, dropout_p, seed);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -339,45 +359,11 @@ struct LoraLinear8bitFunction : public torch::autograd::Function<LoraLinear8bitF
                 at::TensorList, const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
                 at::TensorList, at::ArrayRef<double>, double, const c10::optional<at::Tensor>&,
                 const c10::List<bool>&)>();
-    const size_t n = ctx->saved_data["n"].toInt();
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& shrink = saved[1];
-    std::vector<at::Tensor> lora_A(saved.begin() + 2, saved.begin() + 2 + n);
-    std::vector<at::Tensor> lora_B(saved.begin() + 2 + n, saved.begin() + 2 + 2 * n);
-    c10::optional<at::Tensor> seed;
-    if (ctx->saved_data["has_seed"].toBool()) seed = saved[2 + 2 * n];
-
-    const auto has_bias = ctx->saved_data["has_bias"].toBoolList();
-    size_t nb = 0;
-    for (bool h : has_bias) nb += h;
-    auto any_needed = [&](size_t first, size_t count) {
-      for (size_t i = first; i < first + count; ++i)
-        if (ctx->needs_input_grad(i)) return true;
-      return false;
-    };
-    // needs_input_grad counts the tensor inputs only: x (0), biases present (1 ..), lora_A
-    // (1+nb ..), lora_B (1+nb+n ..). The returned list has a slot per argument.
-    const size_t a0 = 1 + nb;
-    const bool need_x = ctx->needs_input_grad(0), need_b = any_needed(1, nb);
-    const bool need_lora = any_needed(a0, n) || any_needed(a0 + n, n);
-
-    const auto weights = ctx->saved_data["weights"].toTensorVector();
-    const auto scales = ctx->saved_data["scales"].toTensorVector();
-    const c10::List<bool> mask({need_x, need_lora, need_b});
-    auto [gx, gA, gB, gb] = op.call(output_grads(grads, x, lora_B), x, shrink, weights, scales, lora_A, lora_B,
-                                    ctx->saved_data["scalings"].toDoubleVector(),
-                                    ctx->saved_data["dropout_p"].toDouble(), seed, mask);
-    variable_list result;
-    result.push_back(need_x ? gx : at::Tensor());
-    result.emplace_back();  // int8 weights
-    for (size_t i = 0; i < n; ++i)
-      if (has_bias[i]) result.push_back(need_b ? gb[i] : at::Tensor());
-    result.emplace_back();  // bias flags
-    for (size_t i = 0; i < n; ++i) result.push_back(need_lora ? gA[i] : at::Tensor());
-    for (size_t i = 0; i < n; ++i) result.push_back(need_lora ? gB[i] : at::Tensor());
-    result.resize(result.size() + 3);  // scalings, dropout_p, seed
-    return result;
+    const auto s = load_lora_state(ctx, grads);
+    auto [gx, gA, gB, gb] = op.call(s.grad_out, s.x, s.shrink, ctx->saved_data["weights"].toTensorVector(),
+                                    ctx->saved_data["scales"].toTensorVector(), s.lora_A, s.lora_B, s.scalings,
+                                    s.dropout_p, s.seed, s.mask());
+    return lora_input_grads(s, gx, gA, gB, gb);
   }
 };
 
