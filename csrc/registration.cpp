@@ -22,37 +22,25 @@ TORCH_LIBRARY(fastpeft, m) {
   // data int8 [O, K], scale float32 [O], out [O, K].
   m.def("dequantize_int8_rowwise_(Tensor data, Tensor scale, Tensor(a!) out) -> ()");
 
+  // ---- Frozen base weights of the linear families ---------------------------------------------
+  // Every linear op (LoRA, multi-LoRA, (IA)^3, sparse deltas) takes its frozen weight(s) as
+  // `str weight_format, Tensor?[] weight_tensors, int[] weight_ints`: a format tag ("dense", "nf4", "fp4", "int8") and the
+  // tensors and integers of each weight, weight after weight (layout: common/frozen_weights.h;
+  // Python builds it with fastpeft.quant.frozen_weight_args).
+
   // ---- LoRA -----------------------------------------------------------------------------------
-  // out_i = x W_i^T + b_i + scaling_i * (dropout(x) A_i^T) B_i^T; also returns the shrink
-  // dropout(x) [A_1; A_2; ...]^T of shape [M, sum r_i], which backward needs.
+  // out_i = x W_i^T + b_i + scaling_i * (dropout(x) A_i^T) B_i^T over the weights W_i of
+  // projections that share x; also returns the shrink dropout(x) [A_1; A_2; ...]^T of shape
+  // [M, sum r_i], which backward needs.
   m.def(
-      "lora_linear(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] lora_A, Tensor[] lora_B, "
-      "float[] scalings, float dropout_p, Tensor? seed) -> (Tensor[] outs, Tensor shrink)");
+      "lora_linear(Tensor x, str weight_format, Tensor?[] weight_tensors, int[] weight_ints, Tensor?[] biases, "
+      "Tensor[] lora_A, Tensor[] lora_B, float[] scalings, float dropout_p, Tensor? seed) -> (Tensor[] outs, Tensor shrink)");
+  // output_mask: [x, lora (A and B), weights (dense only), biases].
   m.def(
-      "lora_linear_backward(Tensor[] grad_outs, Tensor x, Tensor shrink, Tensor[] weights, "
+      "lora_linear_backward(Tensor[] grad_outs, Tensor x, Tensor shrink, str weight_format, Tensor?[] weight_tensors, int[] weight_ints, "
       "Tensor[] lora_A, Tensor[] lora_B, float[] scalings, float dropout_p, Tensor? seed, "
       "bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, "
       "Tensor[] grad_weights, Tensor[] grad_biases)");
-  m.def(
-      "lora_linear_4bit(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor?[] nested_absmax, "
-      "Tensor?[] nested_code, Tensor?[] nested_offset, int[] out_features, int[] blocksizes, "
-      "int[] nested_blocksizes, str quant_type, Tensor?[] biases, Tensor[] lora_A, Tensor[] lora_B, "
-      "float[] scalings, float dropout_p, Tensor? seed) -> (Tensor[] outs, Tensor shrink)");
-  m.def(
-      "lora_linear_4bit_backward(Tensor[] grad_outs, Tensor x, Tensor shrink, Tensor[] packed, "
-      "Tensor[] absmax, Tensor?[] nested_absmax, Tensor?[] nested_code, Tensor?[] nested_offset, "
-      "int[] out_features, int[] blocksizes, int[] nested_blocksizes, str quant_type, "
-      "Tensor[] lora_A, Tensor[] lora_B, float[] scalings, float dropout_p, Tensor? seed, "
-      "bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, "
-      "Tensor[] grad_biases)");
-  // LoRA on bitsandbytes int8 weights: weights[i] int8 [O_i, K] (CB), scales[i] float32 [O_i] (SCB).
-  m.def(
-      "lora_linear_8bit(Tensor x, Tensor[] weights, Tensor[] scales, Tensor?[] biases, Tensor[] lora_A, "
-      "Tensor[] lora_B, float[] scalings, float dropout_p, Tensor? seed) -> (Tensor[] outs, Tensor shrink)");
-  m.def(
-      "lora_linear_8bit_backward(Tensor[] grad_outs, Tensor x, Tensor shrink, Tensor[] weights, "
-      "Tensor[] scales, Tensor[] lora_A, Tensor[] lora_B, float[] scalings, float dropout_p, Tensor? seed, "
-      "bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, Tensor[] grad_biases)");
   // The dropout-fused pieces of LoRA (device kernels; the mask is a hash of seed and index).
   m.def("lora_shrink_dropout(Tensor x, Tensor lora_A, float dropout_p, Tensor seed) -> Tensor");
   m.def("lora_grad_A_dropout(Tensor grad_shrink, Tensor x, float dropout_p, Tensor seed) -> Tensor");
@@ -81,20 +69,14 @@ TORCH_LIBRARY(fastpeft, m) {
   // float32 [k]: sum over tokens of grad_out[..., o_j] * x[..., i_j], (o_j, i_j) = divmod(indices[j], in).
   // Tokens go in chunks of chunk_tokens (0: as many as fit ~64 MiB of transposed copies).
   m.def("sparse_delta_weight_grad(Tensor grad_out, Tensor x, Tensor indices, int chunk_tokens=0) -> Tensor");
-  // y = x (W + D)^T + b, D zero except D.flatten()[indices] = values; dense or 4-bit W.
-  m.def("sparse_delta_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices, Tensor values) -> Tensor");
+  // y = x (W + D)^T + b, D zero except D.flatten()[indices] = values; W frozen, any format.
   m.def(
-      "sparse_delta_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor indices, "
-      "Tensor values, bool[] output_mask) -> (Tensor grad_x, Tensor grad_values, Tensor grad_bias)");
+      "sparse_delta_linear(Tensor x, str weight_format, Tensor?[] weight_tensors, int[] weight_ints, Tensor? bias, Tensor indices, "
+      "Tensor values) -> Tensor");
+  // output_mask: [x, values, bias].
   m.def(
-      "sparse_delta_linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
-      "Tensor? nested_code, Tensor? nested_offset, int out_features, int blocksize, "
-      "int nested_blocksize, str quant_type, Tensor? bias, Tensor indices, Tensor values) -> Tensor");
-  m.def(
-      "sparse_delta_linear_4bit_backward(Tensor grad_out, Tensor x, Tensor packed, Tensor absmax, "
-      "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int out_features, "
-      "int blocksize, int nested_blocksize, str quant_type, Tensor indices, Tensor values, "
-      "bool[] output_mask) -> (Tensor grad_x, Tensor grad_values, Tensor grad_bias)");
+      "sparse_delta_linear_backward(Tensor grad_out, Tensor x, str weight_format, Tensor?[] weight_tensors, int[] weight_ints, "
+      "Tensor indices, Tensor values, bool[] output_mask) -> (Tensor grad_x, Tensor grad_values, Tensor grad_bias)");
   // ---- Prefix-KV attention (prefix tuning, P-tuning v2) ------------------------------------------
   // out = softmax([q prefix_k[i]^T | mask(q k^T)] * scale) [prefix_v[i]; v] for example b with
   // i = prefix_index[b] (0 when None): q [B, H, Sq, D]; k, v [B, Hkv, Skv, D]; prefix_k/v, a bank of
@@ -118,28 +100,16 @@ TORCH_LIBRARY(fastpeft, m) {
       "multi_lora_plan(Tensor adapter_index, int rows, int num_adapters) -> "
       "(Tensor sorted_rows, Tensor offsets)");
   m.def(
-      "multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, "
-      "float[] scalings, float[] dropout_p, Tensor? seed, Tensor sorted_rows, Tensor offsets) "
+      "multi_lora_linear(Tensor x, str weight_format, Tensor?[] weight_tensors, int[] weight_ints, Tensor? bias, Tensor[] lora_A, "
+      "Tensor[] lora_B, float[] scalings, float[] dropout_p, Tensor? seed, Tensor sorted_rows, Tensor offsets) "
       "-> (Tensor out, Tensor shrink)");
+  // output_mask: [x, weight (dense only), bias]; adapter_grads: per adapter, grads of its A and B.
   m.def(
-      "multi_lora_linear_backward(Tensor grad_out, Tensor x, Tensor shrink, Tensor weight, "
+      "multi_lora_linear_backward(Tensor grad_out, Tensor x, Tensor shrink, str weight_format, Tensor?[] weight_tensors, int[] weight_ints, "
       "Tensor[] lora_A, Tensor[] lora_B, float[] scalings, float[] dropout_p, Tensor? seed, "
       "Tensor sorted_rows, Tensor offsets, bool[] output_mask, bool[] adapter_grads) -> "
       "(Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, Tensor grad_weight, Tensor grad_bias)");
-  m.def(
-      "multi_lora_linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
-      "Tensor? nested_code, Tensor? nested_offset, int out_features, int blocksize, "
-      "int nested_blocksize, str quant_type, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, "
-      "float[] scalings, float[] dropout_p, Tensor? seed, Tensor sorted_rows, Tensor offsets) "
-      "-> (Tensor out, Tensor shrink)");
-  m.def(
-      "multi_lora_linear_4bit_backward(Tensor grad_out, Tensor x, Tensor shrink, Tensor packed, "
-      "Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, "
-      "int out_features, int blocksize, int nested_blocksize, str quant_type, Tensor[] lora_A, "
-      "Tensor[] lora_B, float[] scalings, float[] dropout_p, Tensor? seed, Tensor sorted_rows, "
-      "Tensor offsets, bool[] output_mask, bool[] adapter_grads) -> "
-      "(Tensor grad_x, Tensor[] grad_A, Tensor[] grad_B, Tensor grad_bias)");
-  // ---- (IA)^3 and bottleneck adapters (issue 3) --------------------------------------------------
+  // ---- (IA)^3 and bottleneck adapters --------------------------------------------------
   // (IA)^3 scales activations by learned vectors. `vectors` is a bank [T, d] (float32 or x's
   // dtype); `task_ids` [B] picks each example's row (x is [B, ..., d]); None means one task (T = 1).
   m.def("ia3_scale(Tensor x, Tensor vectors, Tensor? task_ids) -> Tensor");
@@ -152,21 +122,11 @@ TORCH_LIBRARY(fastpeft, m) {
   // y = (x * l) W^T + b (is_feedforward: the FFN intermediate). Backward saves y (output side)
   // or x (feed-forward); the base weight and bias are frozen.
   m.def(
-      "ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor vectors, Tensor? task_ids, "
-      "bool is_feedforward) -> Tensor");
+      "ia3_linear(Tensor x, str weight_format, Tensor?[] weight_tensors, int[] weight_ints, Tensor? bias, Tensor vectors, "
+      "Tensor? task_ids, bool is_feedforward) -> Tensor");
   m.def(
-      "ia3_linear_backward(Tensor grad_out, Tensor saved, Tensor weight, Tensor vectors, "
-      "Tensor? task_ids, bool is_feedforward, bool[] output_mask) -> (Tensor grad_x, Tensor grad_vectors)");
-  m.def(
-      "ia3_linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
-      "Tensor? nested_code, Tensor? nested_offset, int out_features, int blocksize, "
-      "int nested_blocksize, str quant_type, Tensor? bias, Tensor vectors, Tensor? task_ids, "
-      "bool is_feedforward) -> Tensor");
-  m.def(
-      "ia3_linear_4bit_backward(Tensor grad_out, Tensor saved, Tensor packed, Tensor absmax, "
-      "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int out_features, "
-      "int in_features, int blocksize, int nested_blocksize, str quant_type, Tensor vectors, Tensor? task_ids, "
-      "bool is_feedforward, bool[] output_mask) -> (Tensor grad_x, Tensor grad_vectors)");
+      "ia3_linear_backward(Tensor grad_out, Tensor saved, str weight_format, Tensor?[] weight_tensors, int[] weight_ints, "
+      "Tensor vectors, Tensor? task_ids, bool is_feedforward, bool[] output_mask) -> (Tensor grad_x, Tensor grad_vectors)");
   // 4-bit dequantize with a per-row (scale_dim 0) or per-column (scale_dim 1) factor folded in:
   // the single-task (IA)^3 fusion. out is the 2-D [rows, cols] weight buffer.
   m.def(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -113,6 +113,12 @@ class Quant4bitWeight:
             **nested,
         )
 
+    def op_args(self) -> tuple:
+        """This weight as the frozen-weight argument of fastpeft's linear ops:
+        ``(weight_format, weight_tensors, weight_ints)`` (see ``frozen_weight_args``)."""
+        tensors = [self.packed, self.absmax, self.nested_absmax, self.nested_code, self.nested_offset]
+        return self.quant_type, tensors, [self.shape[0], self.shape[1], self.blocksize, self.nested_blocksize]
+
     def to(self, device) -> "Quant4bitWeight":
         """A copy of every tensor on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -198,9 +204,76 @@ class Int8Weight:
         """Plain PyTorch: ``(data.float() * scale[:, None]) / 127``, rounded once to ``dtype``."""
         return (self.data.float() * self.scale[:, None] / 127).to(dtype)
 
+    def op_args(self) -> tuple:
+        """This weight as the frozen-weight argument of fastpeft's linear ops:
+        ``("int8", [data, scale], [])`` (see ``frozen_weight_args``)."""
+        return "int8", [self.data, self.scale], []
+
     def to(self, device) -> "Int8Weight":
         """A copy of both tensors on ``device``."""
         return Int8Weight(data=self.data.to(device), scale=self.scale.to(device))
+
+
+FrozenWeight = Union[torch.Tensor, Quant4bitWeight, Int8Weight]
+"""A frozen base weight as fastpeft's linear ops take it: a dense [out, in] tensor, a
+``Quant4bitWeight`` or an ``Int8Weight``."""
+
+
+def weight_format(weight: FrozenWeight) -> str:
+    """The format tag of a frozen weight: ``"dense"``, ``"nf4"``, ``"fp4"`` or ``"int8"``."""
+    if isinstance(weight, torch.Tensor):
+        return "dense"
+    if isinstance(weight, (Quant4bitWeight, Int8Weight)):
+        return weight.op_args()[0]
+    raise TypeError(
+        "a frozen weight is a torch.Tensor (dense), a fastpeft.quant.Quant4bitWeight or a "
+        f"fastpeft.quant.Int8Weight, got {type(weight).__name__}"
+    )
+
+
+def frozen_weight_args(weights: Sequence[FrozenWeight], in_features: Optional[int] = None, name: str = "weights") -> tuple:
+    """``(weight_format, weight_tensors, weight_ints)``: the frozen-weight argument every linear op
+    of fastpeft takes (``torch.ops.fastpeft.lora_linear``, ``ia3_linear``, ``sparse_delta_linear``,
+    ``multi_lora_linear``), for one or more weights of one format, weight after weight.
+
+    Per weight: dense ``[weight]``; NF4/FP4 ``[packed, absmax, nested_absmax, nested_code,
+    nested_offset]`` (None for the nested ones when not double-quantized) with ints
+    ``[out_features, in_features, blocksize, nested_blocksize]``; int8 ``[data, scale]``. With
+    ``in_features``, a quantized weight of another width raises ValueError naming it (``name[i]``;
+    ``name`` alone for ops over one base weight, ``name="weight"``).
+    """
+    weights = list(weights)
+    if not weights:
+        raise ValueError("weights must hold at least one weight")
+    formats = [weight_format(w) for w in weights]
+    if len(set(formats)) != 1:
+        raise TypeError(
+            "the weights of one call must share a format (all torch.Tensor (dense), all "
+            "fastpeft.quant.Quant4bitWeight of one quant_type, or all fastpeft.quant.Int8Weight), got "
+            f"{formats}"
+        )
+    tensors, ints = [], []
+    for i, w in enumerate(weights):
+        if isinstance(w, torch.Tensor):
+            tensors.append(w)
+            continue
+        if in_features is not None and (len(w.shape) != 2 or w.shape[1] != in_features):
+            label = name if name == "weight" else f"{name}[{i}]"
+            raise ValueError(f"{label} has shape {tuple(w.shape)} but x has {in_features} features")
+        _, t, n = w.op_args()
+        tensors += t
+        ints += n
+    return formats[0], tensors, ints
+
+
+def frozen_weight_shapes(weight_format: str, weight_tensors: Sequence, weight_ints: Sequence[int]) -> list:
+    """The (out_features, in_features) of each weight a frozen-weight argument describes (the fake
+    kernels use it)."""
+    if weight_format == "dense":
+        return [tuple(int(s) for s in t.shape) for t in weight_tensors]
+    if weight_format == "int8":
+        return [tuple(int(s) for s in t.shape) for t in weight_tensors[0::2]]
+    return [(int(weight_ints[i]), int(weight_ints[i + 1])) for i in range(0, len(weight_ints), 4)]
 
 
 def release_workspace() -> None:

@@ -1,7 +1,11 @@
-"""Test helpers: tolerances per dtype and the devices to run on."""
+"""Test helpers: tolerances per dtype, the devices to run on, frozen weights of every format, and
+saved-for-backward accounting."""
 
 import pytest
 import torch
+from torch import nn
+
+from fastpeft.quant import Int8Weight, Quant4bitWeight
 
 # rtol, atol per dtype (vLLM's allclose_default); exact 0/0 where the math is identical.
 TOLERANCES = {
@@ -23,6 +27,15 @@ def assert_close(actual, expected, dtype=None, scale=1.0, msg=""):
     dtype = dtype or expected.dtype
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol * scale, atol=atol * scale, msg=msg or None)
+
+
+def assert_all_close(got, expected, scale=10.0):
+    """Pairwise ``assert_close`` (fp32 tolerance widened by ``scale``) of an output and its gradients:
+    ``got`` and ``expected`` are (y, [grads]) as the op tests' ``run`` helpers return them."""
+    (y, grads), (y_ref, grads_ref) = got, expected
+    assert_close(y, y_ref, scale=scale)
+    for a, b in zip(grads, grads_ref):
+        assert_close(a, b, scale=scale)
 
 
 def assert_error_within(actual, reference_lowp, reference_fp32, factor=2.0, floor=None):
@@ -60,3 +73,50 @@ def saved_tensor_bytes(fn, exclude=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return sum(seen.values()), shapes, out
+
+
+# Frozen-weight formats every linear op takes: dense, bitsandbytes 4-bit (plain and double-quantized)
+# and bitsandbytes int8 row-wise.
+WEIGHT_KINDS = ["dense", "nf4", "fp4-nested", "int8"]
+
+
+def make_weight(kind, out_f, in_f, dtype, device, quantize_dtype=torch.float32):
+    """A random frozen [out_f, in_f] weight of ``kind``: "dense" (a tensor of ``dtype``), "nf4" /
+    "fp4" (optionally "-nested": double-quantized absmax; quantized by bitsandbytes, blocksize 64,
+    from ``quantize_dtype`` values) or "int8" (bitsandbytes' row-wise layout)."""
+    dense = torch.randn(out_f, in_f) / in_f**0.5
+    if kind == "dense":
+        return dense.to(dtype=dtype, device=device)
+    if kind == "int8":
+        scale = dense.abs().amax(1).clamp_min(1e-3).float()
+        data = torch.round(dense * 127 / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return Int8Weight(data=data, scale=scale).to(device)
+    import bitsandbytes.functional as BF
+
+    quant_type = kind.split("-")[0]
+    packed, state = BF.quantize_4bit(dense.to(quantize_dtype), blocksize=64, quant_type=quant_type,
+                                     compress_statistics=kind.endswith("nested"))  # fmt: skip
+    return Quant4bitWeight.from_bnb(packed, state).to(device)
+
+
+def weight_tensors(w) -> list:
+    """The tensors a frozen weight of any format holds (to exclude them from saved-activation counts)."""
+    if isinstance(w, torch.Tensor):
+        return [w]
+    return [t for t in vars(w).values() if isinstance(t, torch.Tensor)]
+
+
+def leaf(t):
+    """A fresh leaf copy of ``t`` that requires grad."""
+    return t.detach().clone().requires_grad_(True)
+
+
+class OneLayer(nn.Module):
+    """A model of one layer named ``proj``, for peft configs with ``target_modules=["proj"]``."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)

@@ -6,7 +6,9 @@ makes every kernel run once at a small, odd size so that the sanitizer sees each
     compute-sanitizer --tool memcheck  python3 tools/cuda_smoke.py
     compute-sanitizer --tool racecheck python3 tools/cuda_smoke.py
 
-It prints one line per case and exits non-zero when a case raises or produces a non-finite value.
+It prints one line per case and exits non-zero when a case raises or produces a non-finite value;
+its last line names every ``fastpeft::`` operator that ran (the test suite checks that each
+registered operator is among them, so a new op cannot miss its case here).
 ``FASTPEFT_SMOKE_DEVICE=cpu`` runs the same cases on the CPU kernels (the test suite does, so the
 script cannot rot between GPU sessions).
 """
@@ -38,6 +40,15 @@ def _linear4bit(i, o, quant_type="nf4", dtype=torch.bfloat16):
     layer.weight = bnb.nn.Params4bit(torch.randn(o, i) * 0.05, requires_grad=False, quant_type=quant_type,
                                      compress_statistics=True)  # fmt: skip
     return layer.to(DEV)
+
+
+def _linear8bit(i, o):
+    import bitsandbytes as bnb
+
+    dense = nn.Linear(i, o)
+    layer = bnb.nn.Linear8bitLt(i, o, bias=True, has_fp16_weights=False)
+    layer.load_state_dict(dense.state_dict())
+    return layer.to(DEV)  # quantizes to int8 rows (CB) with per-row scales (SCB)
 
 
 def _backward(out):
@@ -73,6 +84,22 @@ def case_lora_group():
     return _backward(torch.cat(fnn.LoRAProjectionGroup([q, k, v])(x), dim=-1))
 
 
+def case_int8_bases():
+    """Every linear family on a bitsandbytes int8 base (LLM.int8() weights dequantized per call)."""
+    x = torch.randn(3, 5, 96, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    outs = [fnn.LoRALinear(_linear8bit(96, 40), r=4, lora_alpha=8, lora_dropout=0.1)(x),
+            fnn.IA3Linear(_linear8bit(96, 40), is_feedforward=False)(x),
+            fnn.IA3Linear(_linear8bit(96, 40), is_feedforward=True)(x)]  # fmt: skip
+    base = _linear8bit(96, 40)
+    idx = torch.randperm(96 * 40, device=DEV)[:77].sort().values
+    outs.append(fnn.SparseDeltaLinear(base, idx, torch.randn(77, device=DEV) * 0.01)(x))
+    multi = fnn.MultiLoRALinear(_linear8bit(96, 40))
+    multi.add_adapter("a", r=3, lora_alpha=3)
+    multi.add_adapter("b", r=9, lora_alpha=9)
+    outs.append(multi(x, torch.tensor([1, -1, 0], device=DEV)))
+    return _backward(sum(o.float() for o in outs))
+
+
 def case_multi_lora():
     layer = fnn.MultiLoRALinear(_linear(130, 70, torch.bfloat16))
     for name, r in (("a", 1), ("b", 16), ("c", 72)):
@@ -90,6 +117,17 @@ def case_ia3():
     folded = fnn.IA3Linear(_linear4bit(128, 64), is_feedforward=False)  # single task: folded into dequant
     x4 = torch.randn(2, 5, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     return _backward(folded(x4))
+
+
+def case_ia3_scale():
+    from fastpeft.ops import ia3_scale
+
+    x = torch.randn(4, 9, 77, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    vectors = torch.rand(3, 77, device=DEV, requires_grad=True)
+    y = _backward(ia3_scale(x, vectors, torch.tensor([2, 0, 2, 1], device=DEV)))
+    torch.ops.fastpeft.ia3_scale_(x.detach().clone(), vectors.detach(), None if vectors.shape[0] == 1 else
+                                  torch.tensor([1, 1, 0, 2], device=DEV))  # fmt: skip
+    return y
 
 
 def case_adapter():
@@ -145,11 +183,16 @@ def main() -> int:
     torch.manual_seed(0)
     print(f"fastpeft {fastpeft.build_info()} on {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}")
     failed = 0
+    from torch.profiler import ProfilerActivity, profile
+
+    ran = set()
     for case in CASES:
         try:
-            out = case()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                out = case()
             if DEV == "cuda":
                 torch.cuda.synchronize()
+            ran |= {e.name for e in prof.events() if e.name.startswith("fastpeft::")}
             ok = bool(torch.isfinite(out.detach().float()).all())
             print(f"{'ok  ' if ok else 'NaN '} {case.__name__}")
             failed += not ok
@@ -157,6 +200,7 @@ def main() -> int:
             failed += 1
             print(f"FAIL {case.__name__}\n{traceback.format_exc()}")
     print(f"{len(CASES) - failed}/{len(CASES)} cases ran")
+    print("fastpeft ops run:", " ".join(sorted(ran)))
     return 1 if failed else 0
 
 

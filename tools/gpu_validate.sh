@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7 on a lent GPU machine (see /work/.library/device): build there, run the whole test suite
+# The GPU check on a lent GPU machine (see /work/.library/device): build there, run the whole test suite
 # with the CUDA tests, compute-sanitizer over one small case of every kernel, every benchmark at
 # the issues' GPU shapes. Logs and results go to $OUT as they are produced, so a run cut short
 # still leaves its evidence. Two stages, each well inside one 10-minute device command:

@@ -16,6 +16,7 @@
 
 #include "adapter/adapter.h"
 #include "common/checks.h"
+#include "ia3/ia3.h"  // ia3_task_reduce: the per-bank-entry reduction of the bias and layer-norm grads
 
 namespace fastpeft {
 

@@ -3,7 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "ia3/ia3.h"  // TaskMap: the per-example bank index is the same row -> entry map
+#include "common/task_map.h"  // the per-example adapter index: the same row -> bank entry map as (IA)^3
 
 namespace fastpeft {
 

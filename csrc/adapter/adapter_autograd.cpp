@@ -6,7 +6,7 @@
 // kernels take at small sizes. This kernel sits at the Autograd dispatch key and calls the device op
 // below it; the fake kernels stay in Python (fastpeft/ops/adapter.py) for torch.compile.
 //
-// Saved for backward, as before: x, the residual (only for a chain of two or more stages, where it
+// Saved for backward: x, the residual (only for a chain of two or more stages, where it
 // is needed to recompute the second stage's input), the per-stage [M, r] pre-activations (the op's
 // `saved` output), and the adapter weights and biases (trainable parameters, saved as such). The
 // adapter ids are int tensors kept by reference.

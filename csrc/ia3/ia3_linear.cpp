@@ -1,4 +1,5 @@
-// A frozen linear layer with (IA)^3, forward and backward, for dense and bitsandbytes 4-bit bases.
+// A frozen linear layer with (IA)^3, forward and backward, over any frozen-weight format
+// (common/frozen_weights.h: dense, bitsandbytes 4-bit, bitsandbytes int8).
 //
 // Where the scaling goes (the point of the op):
 //  - one task on a 4-bit base: the vector is folded into the dequantization (rows of W for the
@@ -22,39 +23,20 @@ namespace {
 
 constexpr const char* kOp = "fastpeft.ia3_linear";
 
-// The frozen weight plus K, which backward cannot read from x.
-struct FrozenBase : FrozenWeight {
-  int64_t in_features = 0;
-
-  FrozenBase(FrozenWeight w, int64_t K) : FrozenWeight(std::move(w)), in_features(K) {}
-
-  at::Tensor materialize(int64_t K, const at::Tensor& like) const {
-    return FrozenWeight::materialize(K, like.scalar_type(), like.device());
-  }
-
-  // W with the single task's vector folded in: diag(l) W (dim 0) or W diag(l) (dim 1).
-  at::Tensor materialize_scaled(int64_t K, const at::Tensor& like, const at::Tensor& vectors, int64_t dim) const {
-    auto w = dequant_workspace(out_features * K, like.scalar_type(), like.device()).view({out_features, K});
-    dequantize_4bit_scaled_into(quant, vectors.select(0, 0), dim, w);
-    return w;
-  }
-};
-
-FrozenBase dense_base(const at::Tensor& x, const at::Tensor& weight) {
-  return FrozenBase(frozen_dense_weight(x, weight, kOp, "weight"), x.size(-1));
+at::Tensor materialize(const FrozenWeight& W, const at::Tensor& like) {
+  return W.materialize(like.scalar_type(), like.device());
 }
 
-FrozenBase quant_base(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                      const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
-                      const c10::optional<at::Tensor>& nested_offset, int64_t out_features, int64_t blocksize,
-                      int64_t nested_blocksize, c10::string_view quant_type) {
-  return FrozenBase(frozen_quant4bit_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features,
-                                            blocksize, nested_blocksize,
-                                            parse_quant_type(std::string(quant_type), kOp), kOp, "packed"),
-                    x.size(-1));
+// A 4-bit W with the single task's vector folded into its dequantization: diag(l) W (dim 0) or
+// W diag(l) (dim 1).
+at::Tensor materialize_scaled(const FrozenWeight& W, const at::Tensor& like, const at::Tensor& vectors, int64_t dim) {
+  auto w = dequant_workspace(W.out_features * W.in_features, like.scalar_type(), like.device())
+               .view({W.out_features, W.in_features});
+  dequantize_4bit_scaled_into(W.quant, vectors.select(0, 0), dim, w);
+  return w;
 }
 
-void check_bias(const at::Tensor& x, const FrozenBase& W, const c10::optional<at::Tensor>& bias) {
+void check_bias(const at::Tensor& x, const FrozenWeight& W, const c10::optional<at::Tensor>& bias) {
   if (!bias.has_value() || !bias->defined()) return;
   check_dtype(*bias, x.scalar_type(), kOp, "bias", " (the dtype of x)");
   check_same_device(*bias, x, kOp, "bias", "x");
@@ -72,30 +54,30 @@ at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& w, const c10::opt
   return (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
 }
 
-at::Tensor ia3_forward(const at::Tensor& x, const FrozenBase& W, const c10::optional<at::Tensor>& bias,
+at::Tensor ia3_forward(const at::Tensor& x, const FrozenWeight& W, const c10::optional<at::Tensor>& bias,
                        const at::Tensor& vectors_in, const c10::optional<at::Tensor>& task_ids, bool is_feedforward) {
   const int64_t K = x.size(-1), O = W.out_features;
   const auto tasks = make_task_map(x, is_feedforward ? K : O, vectors_in, task_ids, kOp);
   check_bias(x, W, bias);
   const auto vectors = vectors_in.contiguous();
   const auto x2 = x.reshape({-1, K}).contiguous();
-  const bool fold = W.quantized() && tasks.single();
+  const bool fold = W.is_4bit() && tasks.single();
   at::Tensor out;
   if (is_feedforward) {
     if (fold) {
-      out = base_linear(x2, W.materialize_scaled(K, x, vectors, /*dim=*/1), bias);
+      out = base_linear(x2, materialize_scaled(W, x, vectors, /*dim=*/1), bias);
     } else {
       auto xs = at::empty_like(x2);
       ia3_scale_into(x2, xs, vectors, tasks);
-      out = base_linear(xs, W.materialize(K, x), bias);
+      out = base_linear(xs, materialize(W, x), bias);
     }
   } else if (fold) {
     // (x W^T + b) * l == x (diag(l) W)^T + b * l
     c10::optional<at::Tensor> scaled_bias;
     if (bias.has_value() && bias->defined()) scaled_bias = (bias->to(at::kFloat) * vectors[0].to(at::kFloat)).to(x.scalar_type());
-    out = base_linear(x2, W.materialize_scaled(K, x, vectors, /*dim=*/0), scaled_bias);
+    out = base_linear(x2, materialize_scaled(W, x, vectors, /*dim=*/0), scaled_bias);
   } else {
-    out = base_linear(x2, W.materialize(K, x), bias);
+    out = base_linear(x2, materialize(W, x), bias);
     ia3_scale_into(out, out, vectors, tasks);  // epilogue in place: no second [M, O] tensor
   }
   return out.view(with_last(x.sizes(), O));
@@ -103,7 +85,7 @@ at::Tensor ia3_forward(const at::Tensor& x, const FrozenBase& W, const c10::opti
 
 // output_mask: [x, vectors]. `saved` is y (output side) or x (feed-forward).
 std::tuple<at::Tensor, at::Tensor> ia3_backward(const at::Tensor& grad_out, const at::Tensor& saved,
-                                                const FrozenBase& W, const at::Tensor& vectors_in,
+                                                const FrozenWeight& W, const at::Tensor& vectors_in,
                                                 const c10::optional<at::Tensor>& task_ids, bool is_feedforward,
                                                 const c10::List<bool>& output_mask) {
   constexpr const char* op = "fastpeft.ia3_linear_backward";
@@ -130,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> ia3_backward(const at::Tensor& grad_out, cons
   if (is_feedforward) {
     // y = (x * l) W^T: d(x * l) = g W, then grad_x = (g W) * l and grad_l = sum((g W) * x).
     if (!need_x && !need_v) return {grad_x, grad_v};
-    auto gw = at::mm(g2, W.materialize(K, saved));
+    auto gw = at::mm(g2, materialize(W, saved));
     if (need_v) {
       grad_v = ia3_task_reduce(gw, s2, vectors, tasks, /*divide=*/false, need_x ? &gw : nullptr).to(vectors.scalar_type());
     } else {
@@ -140,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> ia3_backward(const at::Tensor& grad_out, cons
     return {grad_x, grad_v};
   }
   // y = (x W^T + b) * l: grad_l = sum(g * y) / l, grad_x = (g * l) W.
-  const bool fold = W.quantized() && tasks.single();
+  const bool fold = W.is_4bit() && tasks.single();
   at::Tensor gs;
   if (need_x && !fold) gs = at::empty_like(g2);
   if (need_v) {
@@ -150,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> ia3_backward(const at::Tensor& grad_out, cons
     ia3_scale_into(g2, gs, vectors, tasks);
   }
   if (need_x) {
-    grad_x = fold ? at::mm(g2, W.materialize_scaled(K, saved, vectors, /*dim=*/0)) : at::mm(gs, W.materialize(K, saved));
+    grad_x = fold ? at::mm(g2, materialize_scaled(W, saved, vectors, /*dim=*/0)) : at::mm(gs, materialize(W, saved));
     grad_x = grad_x.view(x_shape);
   }
   return {grad_x, grad_v};
@@ -158,75 +140,34 @@ std::tuple<at::Tensor, at::Tensor> ia3_backward(const at::Tensor& grad_out, cons
 
 // ---- op entry points ----------------------------------------------------------------------------
 
-at::Tensor ia3_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                      const at::Tensor& vectors, const c10::optional<at::Tensor>& task_ids, bool is_feedforward) {
+at::Tensor ia3_linear(const at::Tensor& x, c10::string_view weight_format, const OptTensorList& weight_tensors,
+                      at::IntArrayRef weight_ints, const c10::optional<at::Tensor>& bias, const at::Tensor& vectors,
+                      const c10::optional<at::Tensor>& task_ids, bool is_feedforward) {
   check_float(x, kOp, "x");
-  return ia3_forward(x, dense_base(x, weight), bias, vectors, task_ids, is_feedforward);
-}
-
-std::tuple<at::Tensor, at::Tensor> ia3_linear_backward(const at::Tensor& grad_out, const at::Tensor& saved,
-                                                       const at::Tensor& weight, const at::Tensor& vectors,
-                                                       const c10::optional<at::Tensor>& task_ids, bool is_feedforward,
-                                                       const c10::List<bool>& output_mask) {
-  check_float(saved, kOp, "saved");
-  check_dim(weight, 2, kOp, "weight");
-  check_dtype(weight, saved.scalar_type(), kOp, "weight", " (the dtype of saved)");
-  check_same_device(weight, saved, kOp, "weight", "saved");
-  FrozenWeight w;
-  w.dense = weight;
-  w.out_features = weight.size(0);
-  return ia3_backward(grad_out, saved, FrozenBase(std::move(w), weight.size(1)), vectors, task_ids, is_feedforward,
-                      output_mask);
-}
-
-at::Tensor ia3_linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                           const c10::optional<at::Tensor>& nested_absmax,
-                           const c10::optional<at::Tensor>& nested_code,
-                           const c10::optional<at::Tensor>& nested_offset, int64_t out_features, int64_t blocksize,
-                           int64_t nested_blocksize, c10::string_view quant_type,
-                           const c10::optional<at::Tensor>& bias, const at::Tensor& vectors,
-                           const c10::optional<at::Tensor>& task_ids, bool is_feedforward) {
-  check_float(x, kOp, "x");
-  const auto W = quant_base(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize,
-                            nested_blocksize, quant_type);
+  TORCH_CHECK(x.dim() >= 1, kOp, ": x must have at least one dimension [..., in_features]");
+  const auto W = parse_frozen_weight(weight_format, weight_tensors, weight_ints, x, x.size(-1), kOp);
   return ia3_forward(x, W, bias, vectors, task_ids, is_feedforward);
 }
 
-std::tuple<at::Tensor, at::Tensor> ia3_linear_4bit_backward(
-    const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& packed, const at::Tensor& absmax,
-    const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
-    const c10::optional<at::Tensor>& nested_offset, int64_t out_features, int64_t in_features, int64_t blocksize,
-    int64_t nested_blocksize, c10::string_view quant_type, const at::Tensor& vectors,
-    const c10::optional<at::Tensor>& task_ids, bool is_feedforward, const c10::List<bool>& output_mask) {
+std::tuple<at::Tensor, at::Tensor> ia3_linear_backward(const at::Tensor& grad_out, const at::Tensor& saved,
+                                                       c10::string_view weight_format,
+                                                       const OptTensorList& weight_tensors,
+                                                       at::IntArrayRef weight_ints, const at::Tensor& vectors,
+                                                       const c10::optional<at::Tensor>& task_ids, bool is_feedforward,
+                                                       const c10::List<bool>& output_mask) {
   check_float(saved, kOp, "saved");
-  TORCH_CHECK(out_features >= 1 && in_features >= 0, kOp, ": out_features must be >= 1 and in_features >= 0, got ",
-              out_features, ", ", in_features);
-  check_same_device(packed, saved, kOp, "packed", "saved");
-  FrozenWeight w;
-  w.quant = make_quant4bit_weight(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
-                                  nested_blocksize, parse_quant_type(std::string(quant_type), kOp),
-                                  out_features * in_features, kOp);
-  w.out_features = out_features;
-  return ia3_backward(grad_out, saved, FrozenBase(std::move(w), in_features), vectors, task_ids, is_feedforward,
-                      output_mask);
+  // saved is y [..., O] on the output side, so K comes from the weight.
+  const auto W = parse_frozen_weight(weight_format, weight_tensors, weight_ints, saved, -1, kOp);
+  return ia3_backward(grad_out, saved, W, vectors, task_ids, is_feedforward, output_mask);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+// One device-generic body: GEMMs in ATen, scaling, reductions and dequantization through the
+// dispatcher to each device's kernels.
+TORCH_LIBRARY_IMPL(fastpeft, CompositeExplicitAutograd, m) {
   m.impl("ia3_linear", &ia3_linear);
   m.impl("ia3_linear_backward", &ia3_linear_backward);
-  m.impl("ia3_linear_4bit", &ia3_linear_4bit);
-  m.impl("ia3_linear_4bit_backward", &ia3_linear_4bit_backward);
 }
-
-#ifdef FASTPEFT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
-  m.impl("ia3_linear", &ia3_linear);
-  m.impl("ia3_linear_backward", &ia3_linear_backward);
-  m.impl("ia3_linear_4bit", &ia3_linear_4bit);
-  m.impl("ia3_linear_4bit_backward", &ia3_linear_4bit_backward);
-}
-#endif
 
 }  // namespace fastpeft

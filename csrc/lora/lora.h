@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "common/dropout_mask.h"
+#include "common/dropout_seed.h"
 #include "common/frozen_weights.h"
 #include "quant4bit/quant4bit.h"
 
@@ -25,8 +25,5 @@ at::Tensor lora_grad_A_dropout_cuda(const at::Tensor& grad_shrink, const at::Ten
 void lora_grad_x_dropout_accum_cuda(at::Tensor& grad_x, const at::Tensor& grad_shrink, const at::Tensor& lora_A,
                                     const DropoutMask& mask);
 #endif
-
-// Reads the dropout seed (an int64 tensor of one element) and builds the mask.
-DropoutMask dropout_mask_from(double p, const at::Tensor& seed, const char* op);
 
 }  // namespace fastpeft

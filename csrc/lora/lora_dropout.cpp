@@ -8,15 +8,6 @@
 
 namespace fastpeft {
 
-DropoutMask dropout_mask_from(double p, const at::Tensor& seed, const char* op) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
-  TORCH_CHECK(seed.defined() && seed.numel() == 1 && seed.scalar_type() == at::kLong, op,
-              ": seed must be an int64 tensor with one element, got ",
-              seed.defined() ? toString(seed.scalar_type()) : "None", " of shape ",
-              seed.defined() ? seed.sizes() : at::IntArrayRef{});
-  return make_dropout_mask(p, seed.item<int64_t>());
-}
-
 namespace {
 
 constexpr const char* kShrinkOp = "fastpeft.lora_shrink_dropout";

@@ -1,5 +1,5 @@
-// Fused LoRA linear, forward and backward, for dense, bitsandbytes 4-bit and bitsandbytes int8
-// (LLM.int8(), Linear8bitLt) frozen weights.
+// Fused LoRA linear, forward and backward, over any frozen-weight format (common/frozen_weights.h:
+// dense, bitsandbytes 4-bit, bitsandbytes int8).
 //
 // One composite body serves every device: GEMMs go to ATen (cuBLAS / MKL), the dropout-fused
 // pieces and the dequantization go through the dispatcher to this library's device kernels.
@@ -56,8 +56,8 @@ LoraArgs check_lora_args(const at::Tensor& x, const FrozenWeights& W, at::Tensor
     TORCH_CHECK(r >= 1, kOp, ": rank r of lora_A", idx, " must be >= 1, got ", r);
     TORCH_CHECK(A.size(1) == args.in_features, kOp, ": lora_A", idx, " must be [r, ", args.in_features,
                 "] (x has ", args.in_features, " features), got ", A.sizes());
-    TORCH_CHECK(B.size(0) == W.out_features[i] && B.size(1) == r, kOp, ": lora_B", idx, " must be [",
-                W.out_features[i], ", ", r, "] (out_features x r), got ", B.sizes());
+    TORCH_CHECK(B.size(0) == W[i].out_features && B.size(1) == r, kOp, ": lora_B", idx, " must be [",
+                W[i].out_features, ", ", r, "] (out_features x r), got ", B.sizes());
     args.ranks.push_back(r);
     args.total_rank += r;
   }
@@ -73,47 +73,9 @@ void check_biases(const at::Tensor& x, const FrozenWeights& W, const c10::List<c
     const std::string name = "biases[" + std::to_string(i) + "]";
     check_dtype(*b, x.scalar_type(), kOp, name, " (the dtype of x)");
     check_same_device(*b, x, kOp, name, "x");
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == W.out_features[i], kOp, ": ", name, " must be [",
-                W.out_features[i], "], got ", b->sizes());
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == W[i].out_features, kOp, ": ", name, " must be [",
+                W[i].out_features, "], got ", b->sizes());
   }
-}
-
-FrozenWeights dense_weights(const at::Tensor& x, at::TensorList weights) {
-  FrozenWeights W;
-  for (size_t i = 0; i < weights.size(); ++i) add_dense_weight(W, x, weights[i], kOp, "weights[" + std::to_string(i) + "]");
-  return W;
-}
-
-FrozenWeights quant_weights(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
-                            const c10::List<c10::optional<at::Tensor>>& nested_absmax,
-                            const c10::List<c10::optional<at::Tensor>>& nested_code,
-                            const c10::List<c10::optional<at::Tensor>>& nested_offset,
-                            at::IntArrayRef out_features, at::IntArrayRef blocksizes,
-                            at::IntArrayRef nested_blocksizes, c10::string_view quant_type) {
-  const size_t n = packed.size();
-  TORCH_CHECK(absmax.size() == n && nested_absmax.size() == n && nested_code.size() == n &&
-                  nested_offset.size() == n && out_features.size() == n && blocksizes.size() == n &&
-                  nested_blocksizes.size() == n,
-              kOp, ": every 4-bit weight argument needs one entry per weight (", n, " packed weights)");
-  const auto type = parse_quant_type(std::string(quant_type), kOp);
-  FrozenWeights W;
-  for (size_t i = 0; i < n; ++i) {
-    add_quant4bit_weight(W, x, packed[i], absmax[i], nested_absmax[i], nested_code[i], nested_offset[i],
-                         out_features[i], blocksizes[i], nested_blocksizes[i], type, kOp,
-                         "packed[" + std::to_string(i) + "]");
-  }
-  return W;
-}
-
-FrozenWeights int8_weights(const at::Tensor& x, at::TensorList data, at::TensorList scales) {
-  TORCH_CHECK(scales.size() == data.size(), kOp, ": every int8 weight needs one scale (", data.size(),
-              " weights, ", scales.size(), " scales)");
-  FrozenWeights W;
-  for (size_t i = 0; i < data.size(); ++i) {
-    const std::string idx = "[" + std::to_string(i) + "]";
-    add_int8_weight(W, x, data[i], scales[i], kOp, "weights" + idx, "scales" + idx);
-  }
-  return W;
 }
 
 c10::optional<at::Tensor> seed_if_dropout(double p, const c10::optional<at::Tensor>& seed) {
@@ -171,12 +133,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> lora_forward(
   std::vector<at::Tensor> outs;
   int64_t offset = 0;
   for (size_t i = 0; i < W.size(); ++i) {
-    auto w = W.materialize(i, K, x.scalar_type(), x.device());
+    auto w = W.materialize(i, x.scalar_type(), x.device());
     const c10::optional<at::Tensor> bias = biases[i];
     auto out = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
     w = at::Tensor();  // release the workspace before the next projection takes it
     out.addmm_(shrink.narrow(1, offset, args.ranks[i]), lora_B[i].t(), /*beta=*/1.0, /*alpha=*/scalings[i]);
-    outs.push_back(out.view(with_last(x.sizes(), W.out_features[i])));
+    outs.push_back(out.view(with_last(x.sizes(), W[i].out_features)));
     offset += args.ranks[i];
   }
   return {outs, shrink};
@@ -204,9 +166,9 @@ Grads lora_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Ten
   std::vector<at::Tensor> g;
   for (size_t i = 0; i < W.size(); ++i) {
     check_dtype(grad_outs[i], x.scalar_type(), kOp, "grad_outs[" + std::to_string(i) + "]", " (the dtype of x)");
-    TORCH_CHECK(grad_outs[i].numel() == M * W.out_features[i], kOp, "_backward: grad_outs[", i, "] has shape ",
-                grad_outs[i].sizes(), ", expected [..., ", W.out_features[i], "] with ", M, " rows");
-    g.push_back(grad_outs[i].reshape({M, W.out_features[i]}).contiguous());
+    TORCH_CHECK(grad_outs[i].numel() == M * W[i].out_features, kOp, "_backward: grad_outs[", i, "] has shape ",
+                grad_outs[i].sizes(), ", expected [..., ", W[i].out_features, "] with ", M, " rows");
+    g.push_back(grad_outs[i].reshape({M, W[i].out_features}).contiguous());
   }
 
   Grads grads;
@@ -233,7 +195,7 @@ Grads lora_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Ten
   if (need_x) {
     at::Tensor gx;
     for (size_t i = 0; i < W.size(); ++i) {
-      auto w = W.materialize(i, K, x.scalar_type(), x.device());
+      auto w = W.materialize(i, x.scalar_type(), x.device());
       if (i == 0) {
         gx = at::mm(g[0], w);
       } else {
@@ -251,7 +213,7 @@ Grads lora_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Ten
     grads.x = at::empty({0}, x.options());
   }
   if (need_w) {
-    TORCH_CHECK(!W.quantized(), kOp, "_backward: 4-bit weights are frozen and have no gradient");
+    TORCH_CHECK(!W.quantized(), kOp, "_backward: quantized weights are frozen and have no gradient");
     for (size_t i = 0; i < W.size(); ++i) grads.weights.push_back(at::mm(g[i].t(), x2));
   }
   if (need_b) {
@@ -263,96 +225,37 @@ Grads lora_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Ten
 // ---- op entry points ----------------------------------------------------------------------------
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> lora_linear(
-    const at::Tensor& x, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases,
-    at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scalings, double dropout_p,
-    const c10::optional<at::Tensor>& seed) {
+    const at::Tensor& x, c10::string_view weight_format, const OptTensorList& weight_tensors,
+    at::IntArrayRef weight_ints, const OptTensorList& biases, at::TensorList lora_A, at::TensorList lora_B,
+    at::ArrayRef<double> scalings, double dropout_p, const c10::optional<at::Tensor>& seed) {
   check_float(x, kOp, "x");
-  return lora_forward(x, dense_weights(x, weights), biases, lora_A, lora_B, scalings, dropout_p, seed);
+  TORCH_CHECK(x.dim() >= 1, kOp, ": x must have at least one dimension [..., in_features]");
+  const auto W = parse_frozen_weights(weight_format, weight_tensors, weight_ints, x, x.size(-1), kOp);
+  return lora_forward(x, W, biases, lora_A, lora_B, scalings, dropout_p, seed);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
            std::vector<at::Tensor>>
-lora_linear_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Tensor& shrink, at::TensorList weights,
+lora_linear_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Tensor& shrink,
+                     c10::string_view weight_format, const OptTensorList& weight_tensors, at::IntArrayRef weight_ints,
                      at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scalings, double dropout_p,
                      const c10::optional<at::Tensor>& seed, const c10::List<bool>& output_mask) {
   check_float(x, kOp, "x");
+  TORCH_CHECK(x.dim() >= 1, kOp, ": x must have at least one dimension [..., in_features]");
   TORCH_CHECK(output_mask.size() == 4, kOp, "_backward: output_mask must have 4 entries, got ", output_mask.size());
-  auto g = lora_backward(grad_outs, x, shrink, dense_weights(x, weights), lora_A, lora_B, scalings, dropout_p, seed,
+  const auto W = parse_frozen_weights(weight_format, weight_tensors, weight_ints, x, x.size(-1), kOp);
+  auto g = lora_backward(grad_outs, x, shrink, W, lora_A, lora_B, scalings, dropout_p, seed,
                          {output_mask[0], output_mask[1], output_mask[2], output_mask[3]});
   return {g.x, g.A, g.B, g.weights, g.biases};
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> lora_linear_4bit(
-    const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
-    const c10::List<c10::optional<at::Tensor>>& nested_absmax, const c10::List<c10::optional<at::Tensor>>& nested_code,
-    const c10::List<c10::optional<at::Tensor>>& nested_offset, at::IntArrayRef out_features,
-    at::IntArrayRef blocksizes, at::IntArrayRef nested_blocksizes, c10::string_view quant_type,
-    const c10::List<c10::optional<at::Tensor>>& biases, at::TensorList lora_A, at::TensorList lora_B,
-    at::ArrayRef<double> scalings, double dropout_p, const c10::optional<at::Tensor>& seed) {
-  check_float(x, kOp, "x");
-  const auto W = quant_weights(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksizes,
-                               nested_blocksizes, quant_type);
-  return lora_forward(x, W, biases, lora_A, lora_B, scalings, dropout_p, seed);
-}
-
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-lora_linear_4bit_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Tensor& shrink,
-                          at::TensorList packed, at::TensorList absmax,
-                          const c10::List<c10::optional<at::Tensor>>& nested_absmax,
-                          const c10::List<c10::optional<at::Tensor>>& nested_code,
-                          const c10::List<c10::optional<at::Tensor>>& nested_offset, at::IntArrayRef out_features,
-                          at::IntArrayRef blocksizes, at::IntArrayRef nested_blocksizes, c10::string_view quant_type,
-                          at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scalings,
-                          double dropout_p, const c10::optional<at::Tensor>& seed, const c10::List<bool>& output_mask) {
-  check_float(x, kOp, "x");
-  TORCH_CHECK(output_mask.size() == 3, kOp, "_4bit_backward: output_mask must have 3 entries, got ", output_mask.size());
-  const auto W = quant_weights(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksizes,
-                               nested_blocksizes, quant_type);
-  auto g = lora_backward(grad_outs, x, shrink, W, lora_A, lora_B, scalings, dropout_p, seed,
-                         {output_mask[0], output_mask[1], false, output_mask[2]});
-  return {g.x, g.A, g.B, g.biases};
-}
-
-std::tuple<std::vector<at::Tensor>, at::Tensor> lora_linear_8bit(
-    const at::Tensor& x, at::TensorList weights, at::TensorList scales,
-    const c10::List<c10::optional<at::Tensor>>& biases, at::TensorList lora_A, at::TensorList lora_B,
-    at::ArrayRef<double> scalings, double dropout_p, const c10::optional<at::Tensor>& seed) {
-  check_float(x, kOp, "x");
-  return lora_forward(x, int8_weights(x, weights, scales), biases, lora_A, lora_B, scalings, dropout_p, seed);
-}
-
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-lora_linear_8bit_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Tensor& shrink,
-                          at::TensorList weights, at::TensorList scales, at::TensorList lora_A, at::TensorList lora_B,
-                          at::ArrayRef<double> scalings, double dropout_p, const c10::optional<at::Tensor>& seed,
-                          const c10::List<bool>& output_mask) {
-  check_float(x, kOp, "x");
-  TORCH_CHECK(output_mask.size() == 3, kOp, "_8bit_backward: output_mask must have 3 entries, got ", output_mask.size());
-  auto g = lora_backward(grad_outs, x, shrink, int8_weights(x, weights, scales), lora_A, lora_B, scalings, dropout_p,
-                         seed, {output_mask[0], output_mask[1], false, output_mask[2]});
-  return {g.x, g.A, g.B, g.biases};
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+// One device-generic body: the GEMMs go to ATen, dequantization and the dropout-fused pieces
+// through the dispatcher to each device's kernels.
+TORCH_LIBRARY_IMPL(fastpeft, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lora_linear);
   m.impl("lora_linear_backward", &lora_linear_backward);
-  m.impl("lora_linear_4bit", &lora_linear_4bit);
-  m.impl("lora_linear_4bit_backward", &lora_linear_4bit_backward);
-  m.impl("lora_linear_8bit", &lora_linear_8bit);
-  m.impl("lora_linear_8bit_backward", &lora_linear_8bit_backward);
 }
-
-#ifdef FASTPEFT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
-  m.impl("lora_linear", &lora_linear);
-  m.impl("lora_linear_backward", &lora_linear_backward);
-  m.impl("lora_linear_4bit", &lora_linear_4bit);
-  m.impl("lora_linear_4bit_backward", &lora_linear_4bit_backward);
-  m.impl("lora_linear_8bit", &lora_linear_8bit);
-  m.impl("lora_linear_8bit_backward", &lora_linear_8bit_backward);
-}
-#endif
 
 }  // namespace fastpeft

@@ -1,9 +1,9 @@
 // Several LoRA adapters in one batch (multi-LoRA): the routing plan, validation, and the composite
-// forward/backward over dense and bitsandbytes 4-bit frozen weights.
+// forward/backward over a frozen weight of any format (common/frozen_weights.h).
 //
 // The base GEMM runs once for the whole batch (ATen: cuBLAS / MKL); the per-row low-rank shrink and
 // expand run in this family's gather/segment kernels and accumulate into the base output in place.
-// Memory rules, as for the single-adapter op: a 4-bit weight is dequantized into the shared
+// Memory rules, as for the single-adapter op: a quantized weight is dequantized into the shared
 // workspace and dropped (backward dequantizes again); dropout masks are regenerated from the seed;
 // backward needs x and the [M, r_max] shrink output, nothing else of the activations.
 #include "multi_lora/multi_lora.h"
@@ -16,7 +16,8 @@
 #include <string>
 
 #include "common/checks.h"
-#include "lora/lora.h"
+#include "common/dropout_seed.h"
+#include "common/frozen_weights.h"
 
 namespace fastpeft {
 namespace {
@@ -157,23 +158,6 @@ void check_bias(const at::Tensor& x, int64_t out_features, const c10::optional<a
               bias->sizes());
 }
 
-FrozenWeights dense_weight(const at::Tensor& x, const at::Tensor& weight) {
-  FrozenWeights W;
-  add_dense_weight(W, x, weight, kOp, "weight");
-  return W;
-}
-
-FrozenWeights quant_weight(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                           const c10::optional<at::Tensor>& nested_absmax,
-                           const c10::optional<at::Tensor>& nested_code,
-                           const c10::optional<at::Tensor>& nested_offset, int64_t out_features, int64_t blocksize,
-                           int64_t nested_blocksize, c10::string_view quant_type) {
-  FrozenWeights W;
-  add_quant4bit_weight(W, x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize,
-                       nested_blocksize, parse_quant_type(std::string(quant_type), kOp), kOp, "packed");
-  return W;
-}
-
 std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   std::vector<int64_t> shape(sizes.begin(), sizes.end());
   shape.back() = last;
@@ -189,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_forward(const at::Tensor& x, const
                                                       const RowPlan& plan) {
   const int64_t K = bank.in_features;
   const auto x2 = x.reshape({-1, K}).contiguous();
-  auto w = W.materialize(0, K, x.scalar_type(), x.device());
+  auto w = W.materialize(0, x.scalar_type(), x.device());
   auto out = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
   w = at::Tensor();  // release the workspace
   at::Tensor shrink;
@@ -246,7 +230,7 @@ Grads multi_lora_backward(const at::Tensor& grad_out, const at::Tensor& x, const
     grads.B.push_back(gB[i].defined() ? gB[i] : at::empty({0}, x.options()));
   }
   if (need[0]) {
-    auto w = W.materialize(0, K, x.scalar_type(), x.device());
+    auto w = W.materialize(0, x.scalar_type(), x.device());
     auto gx = at::mm(g2, w);
     w = at::Tensor();
     if (work) kernels_for(x).grad_x_accum_(gx, grad_shrink, bank, plan);
@@ -255,7 +239,7 @@ Grads multi_lora_backward(const at::Tensor& grad_out, const at::Tensor& x, const
     grads.x = at::empty({0}, x.options());
   }
   if (need[1]) {
-    TORCH_CHECK(!W.quantized(), kOp, "_backward: 4-bit weights are frozen and have no gradient");
+    TORCH_CHECK(!W.quantized(), kOp, "_backward: quantized weights are frozen and have no gradient");
     grads.weight = at::mm(g2.t(), x2);
   } else {
     grads.weight = at::empty({0}, x.options());
@@ -266,29 +250,39 @@ Grads multi_lora_backward(const at::Tensor& grad_out, const at::Tensor& x, const
 
 // ---- op entry points ----------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> multi_lora_linear(const at::Tensor& x, const at::Tensor& weight,
+FrozenWeights parse_weight(const at::Tensor& x, c10::string_view weight_format, const OptTensorList& weight_tensors,
+                           at::IntArrayRef weight_ints) {
+  FrozenWeights W;
+  W.items.push_back(parse_frozen_weight(weight_format, weight_tensors, weight_ints, x, x.size(-1), kOp));
+  W.format = W.items[0].format;
+  return W;
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_lora_linear(const at::Tensor& x, c10::string_view weight_format,
+                                                     const OptTensorList& weight_tensors, at::IntArrayRef weight_ints,
                                                      const c10::optional<at::Tensor>& bias, at::TensorList lora_A,
                                                      at::TensorList lora_B, at::ArrayRef<double> scalings,
                                                      at::ArrayRef<double> dropout_p, const c10::optional<at::Tensor>& seed,
                                                      const at::Tensor& sorted_rows, const at::Tensor& offsets) {
   check_x(x);
-  const auto W = dense_weight(x, weight);
-  check_bias(x, W.out_features[0], bias);
-  const auto bank = check_bank(x, W.out_features[0], lora_A, lora_B, scalings, dropout_p, seed);
+  const auto W = parse_weight(x, weight_format, weight_tensors, weight_ints);
+  check_bias(x, W[0].out_features, bias);
+  const auto bank = check_bank(x, W[0].out_features, lora_A, lora_B, scalings, dropout_p, seed);
   const auto plan = check_plan(x, bank.size(), sorted_rows, offsets);
   return multi_lora_forward(x, W, bias, bank, plan);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>
 multi_lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& shrink,
-                           const at::Tensor& weight, at::TensorList lora_A, at::TensorList lora_B,
+                           c10::string_view weight_format, const OptTensorList& weight_tensors,
+                           at::IntArrayRef weight_ints, at::TensorList lora_A, at::TensorList lora_B,
                            at::ArrayRef<double> scalings, at::ArrayRef<double> dropout_p,
                            const c10::optional<at::Tensor>& seed, const at::Tensor& sorted_rows,
                            const at::Tensor& offsets, const c10::List<bool>& output_mask,
                            const c10::List<bool>& adapter_grads) {
   check_x(x);
-  const auto W = dense_weight(x, weight);
-  const auto bank = check_bank(x, W.out_features[0], lora_A, lora_B, scalings, dropout_p, seed);
+  const auto W = parse_weight(x, weight_format, weight_tensors, weight_ints);
+  const auto bank = check_bank(x, W[0].out_features, lora_A, lora_B, scalings, dropout_p, seed);
   const auto plan = check_plan(x, bank.size(), sorted_rows, offsets);
   TORCH_CHECK(output_mask.size() == 3, kOp, "_backward: output_mask must have 3 entries [x, weight, bias], got ",
               output_mask.size());
@@ -297,61 +291,13 @@ multi_lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, cons
   return {g.x, g.A, g.B, g.weight, g.bias};
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_lora_linear_4bit(
-    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-    const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
-    const c10::optional<at::Tensor>& nested_offset, int64_t out_features, int64_t blocksize, int64_t nested_blocksize,
-    c10::string_view quant_type, const c10::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
-    at::ArrayRef<double> scalings, at::ArrayRef<double> dropout_p, const c10::optional<at::Tensor>& seed,
-    const at::Tensor& sorted_rows, const at::Tensor& offsets) {
-  check_x(x);
-  const auto W = quant_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize,
-                              nested_blocksize, quant_type);
-  check_bias(x, out_features, bias);
-  const auto bank = check_bank(x, out_features, lora_A, lora_B, scalings, dropout_p, seed);
-  const auto plan = check_plan(x, bank.size(), sorted_rows, offsets);
-  return multi_lora_forward(x, W, bias, bank, plan);
-}
-
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> multi_lora_linear_4bit_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& shrink, const at::Tensor& packed,
-    const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
-    const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& nested_offset,
-    int64_t out_features, int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
-    at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scalings, at::ArrayRef<double> dropout_p,
-    const c10::optional<at::Tensor>& seed, const at::Tensor& sorted_rows, const at::Tensor& offsets,
-    const c10::List<bool>& output_mask, const c10::List<bool>& adapter_grads) {
-  check_x(x);
-  const auto W = quant_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize,
-                              nested_blocksize, quant_type);
-  const auto bank = check_bank(x, out_features, lora_A, lora_B, scalings, dropout_p, seed);
-  const auto plan = check_plan(x, bank.size(), sorted_rows, offsets);
-  TORCH_CHECK(output_mask.size() == 2, kOp, "_4bit_backward: output_mask must have 2 entries [x, bias], got ",
-              output_mask.size());
-  auto g = multi_lora_backward(grad_out, x, shrink, W, bank, plan, {output_mask[0], false, output_mask[1]},
-                               adapter_grads);
-  return {g.x, g.A, g.B, g.bias};
-}
-
 }  // namespace
 
-// One body serves both devices: the GEMMs go to ATen, the routed pieces to kernels_for(x).
-TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+// One body serves every device: the GEMMs go to ATen, the routed pieces to kernels_for(x).
+TORCH_LIBRARY_IMPL(fastpeft, CompositeExplicitAutograd, m) {
   m.impl("multi_lora_plan", &multi_lora_plan);
   m.impl("multi_lora_linear", &multi_lora_linear);
   m.impl("multi_lora_linear_backward", &multi_lora_linear_backward);
-  m.impl("multi_lora_linear_4bit", &multi_lora_linear_4bit);
-  m.impl("multi_lora_linear_4bit_backward", &multi_lora_linear_4bit_backward);
 }
-
-#ifdef FASTPEFT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
-  m.impl("multi_lora_plan", &multi_lora_plan);
-  m.impl("multi_lora_linear", &multi_lora_linear);
-  m.impl("multi_lora_linear_backward", &multi_lora_linear_backward);
-  m.impl("multi_lora_linear_4bit", &multi_lora_linear_4bit);
-  m.impl("multi_lora_linear_4bit_backward", &multi_lora_linear_4bit_backward);
-}
-#endif
 
 }  // namespace fastpeft

@@ -6,7 +6,7 @@
 // the Autograd dispatch key and calls the device op below it; the fake kernels stay in Python
 // (fastpeft/ops/prefix_attention.py) for torch.compile.
 //
-// Saved for backward, as before: q, k, v, the prefix bank, out, the fp32 log-sum-exp, and
+// Saved for backward: q, k, v, the prefix bank, out, the fp32 log-sum-exp, and
 // prefix_index / attention_mask when given. The log-sum-exp output is not differentiable.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

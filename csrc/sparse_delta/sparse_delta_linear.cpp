@@ -1,10 +1,11 @@
-// SparseDeltaLinear's op: y = x (W + D)^T + b on a dense or bitsandbytes 4-bit frozen W, with D a
-// sparse delta (indices, values); forward and backward, one composite body for every device.
+// SparseDeltaLinear's op: y = x (W + D)^T + b on a frozen W of any format (common/frozen_weights.h:
+// dense, bitsandbytes 4-bit, bitsandbytes int8), with D a sparse delta (indices, values); forward
+// and backward, one composite body for every device.
 //
 // Memory rules:
-//  - W + D is written into the shared dequantization workspace (dense copy + delta, or 4-bit
-//    dequantization with the delta added before rounding), used by one GEMM and dropped; backward
-//    writes it again. No dense delta and no dense weight gradient ever exist.
+//  - W + D is written into the shared dequantization workspace (dense copy + delta, or
+//    dequantization with the delta added before the one rounding to x's dtype), used by one GEMM
+//    and dropped; backward writes it again. No dense delta and no dense weight gradient ever exist.
 //  - dL/dD is computed at the indices only (sparse_delta_weight_grad); what backward needs of the
 //    activations is x alone.
 #include <ATen/ATen.h>
@@ -20,8 +21,6 @@ namespace fastpeft {
 namespace {
 
 constexpr const char* kOp = "fastpeft.sparse_delta_linear";
-
-using FrozenBase = FrozenWeight;  // dense [O, K] or 4-bit
 
 void call_sparse_delta_add(at::Tensor& out, const at::Tensor& indices, const at::Tensor& values) {
   static auto op = c10::Dispatcher::singleton()
@@ -51,29 +50,33 @@ at::Tensor call_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, con
 
 // W + D as a dense [O, K] tensor of x's dtype in the shared workspace (valid until the next
 // workspace request on this thread).
-at::Tensor materialize(const FrozenBase& base, int64_t in_features, const at::Tensor& indices,
-                       const at::Tensor& values32, const at::Tensor& x) {
-  auto w = dequant_workspace(base.out_features * in_features, x.scalar_type(), x.device())
-               .view({base.out_features, in_features});
-  if (base.quantized()) {
-    call_dequantize_add_delta(base.quant, indices, values32, w);
-  } else {
-    w.copy_(base.dense);
-    call_sparse_delta_add(w, indices, values32);
+at::Tensor materialize(const FrozenWeight& base, const at::Tensor& indices, const at::Tensor& values32,
+                       const at::Tensor& x) {
+  const int64_t O = base.out_features, K = base.in_features;
+  auto w = dequant_workspace(O * K, x.scalar_type(), x.device()).view({O, K});
+  switch (base.format) {
+    case WeightFormat::Quant4bit:
+      call_dequantize_add_delta(base.quant, indices, values32, w);
+      break;
+    case WeightFormat::Int8:
+      if (x.scalar_type() == at::kFloat) {
+        dequantize_int8_rowwise_into(base.int8, w);
+        call_sparse_delta_add(w, indices, values32);
+      } else {
+        // One rounding to x's dtype after the float32 sum, as for the other formats: the delta
+        // goes onto a float32 dequantization, then the sum is cast once.
+        auto w32 = at::empty({O, K}, x.options().dtype(at::kFloat));
+        dequantize_int8_rowwise_into(base.int8, w32);
+        call_sparse_delta_add(w32, indices, values32);
+        w.copy_(w32);
+      }
+      break;
+    case WeightFormat::Dense:
+      w.copy_(base.dense);
+      call_sparse_delta_add(w, indices, values32);
+      break;
   }
   return w;
-}
-
-FrozenBase dense_base(const at::Tensor& x, const at::Tensor& weight) {
-  return frozen_dense_weight(x, weight, kOp, "weight");
-}
-
-FrozenBase quant_base(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                      const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
-                      const c10::optional<at::Tensor>& nested_offset, int64_t out_features, int64_t blocksize,
-                      int64_t nested_blocksize, c10::string_view quant_type) {
-  return frozen_quant4bit_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize,
-                                 nested_blocksize, parse_quant_type(std::string(quant_type), kOp), kOp, "packed");
 }
 
 void check_x(const at::Tensor& x) {
@@ -87,7 +90,7 @@ std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
   return out;
 }
 
-at::Tensor forward(const at::Tensor& x, const FrozenBase& base, const c10::optional<at::Tensor>& bias,
+at::Tensor forward(const at::Tensor& x, const FrozenWeight& base, const c10::optional<at::Tensor>& bias,
                    const at::Tensor& indices, const at::Tensor& values) {
   const int64_t K = x.size(-1), O = base.out_features;
   const auto [idx, values32] = checked_delta(indices, values, O * K, x.device(), kOp);
@@ -98,14 +101,14 @@ at::Tensor forward(const at::Tensor& x, const FrozenBase& base, const c10::optio
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == O, kOp, ": bias must be [", O, "], got ", bias->sizes());
   }
   const auto x2 = x.reshape({-1, K});
-  auto w = materialize(base, K, idx, values32, x);
+  auto w = materialize(base, idx, values32, x);
   auto out = has_bias ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
   return out.view(with_last(x.sizes(), O));
 }
 
 // output_mask: [x, values, bias].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                        const FrozenBase& base, const at::Tensor& indices,
+                                                        const FrozenWeight& base, const at::Tensor& indices,
                                                         const at::Tensor& values,
                                                         const c10::List<bool>& output_mask) {
   TORCH_CHECK(output_mask.size() == 3, kOp, "_backward: output_mask must have 3 entries, got ", output_mask.size());
@@ -118,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   const auto g = grad_out.reshape({M, O});
   at::Tensor grad_x, grad_values, grad_bias;
   if (output_mask[0]) {
-    auto w = materialize(base, K, idx, values32, x);
+    auto w = materialize(base, idx, values32, x);
     grad_x = at::mm(g, w).view(x.sizes());
   } else {
     grad_x = at::empty({0}, x.options());
@@ -131,60 +134,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
 
 // ---- op entry points ----------------------------------------------------------------------------
 
-at::Tensor sparse_delta_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+at::Tensor sparse_delta_linear(const at::Tensor& x, c10::string_view weight_format, const OptTensorList& weight_tensors,
+                               at::IntArrayRef weight_ints, const c10::optional<at::Tensor>& bias,
                                const at::Tensor& indices, const at::Tensor& values) {
   check_x(x);
-  return forward(x, dense_base(x, weight), bias, indices, values);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& indices,
-    const at::Tensor& values, const c10::List<bool>& output_mask) {
-  check_x(x);
-  return backward(grad_out, x, dense_base(x, weight), indices, values, output_mask);
-}
-
-at::Tensor sparse_delta_linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                                    const c10::optional<at::Tensor>& nested_absmax,
-                                    const c10::optional<at::Tensor>& nested_code,
-                                    const c10::optional<at::Tensor>& nested_offset, int64_t out_features,
-                                    int64_t blocksize, int64_t nested_blocksize, c10::string_view quant_type,
-                                    const c10::optional<at::Tensor>& bias, const at::Tensor& indices,
-                                    const at::Tensor& values) {
-  check_x(x);
-  const auto base = quant_base(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize,
-                               nested_blocksize, quant_type);
+  const auto base = parse_frozen_weight(weight_format, weight_tensors, weight_ints, x, x.size(-1), kOp);
   return forward(x, base, bias, indices, values);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_4bit_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-    const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
-    const c10::optional<at::Tensor>& nested_offset, int64_t out_features, int64_t blocksize,
-    int64_t nested_blocksize, c10::string_view quant_type, const at::Tensor& indices, const at::Tensor& values,
-    const c10::List<bool>& output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_delta_linear_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, c10::string_view weight_format,
+    const OptTensorList& weight_tensors, at::IntArrayRef weight_ints, const at::Tensor& indices,
+    const at::Tensor& values, const c10::List<bool>& output_mask) {
   check_x(x);
-  const auto base = quant_base(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize,
-                               nested_blocksize, quant_type);
+  const auto base = parse_frozen_weight(weight_format, weight_tensors, weight_ints, x, x.size(-1), kOp);
   return backward(grad_out, x, base, indices, values, output_mask);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+TORCH_LIBRARY_IMPL(fastpeft, CompositeExplicitAutograd, m) {
   m.impl("sparse_delta_linear", &sparse_delta_linear);
   m.impl("sparse_delta_linear_backward", &sparse_delta_linear_backward);
-  m.impl("sparse_delta_linear_4bit", &sparse_delta_linear_4bit);
-  m.impl("sparse_delta_linear_4bit_backward", &sparse_delta_linear_4bit_backward);
 }
-
-#ifdef FASTPEFT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
-  m.impl("sparse_delta_linear", &sparse_delta_linear);
-  m.impl("sparse_delta_linear_backward", &sparse_delta_linear_backward);
-  m.impl("sparse_delta_linear_4bit", &sparse_delta_linear_4bit);
-  m.impl("sparse_delta_linear_4bit_backward", &sparse_delta_linear_4bit_backward);
-}
-#endif
 
 }  // namespace fastpeft

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastpeft.integrations.lora import target_module_names
 from fastpeft.integrations.registry import Injection, register_method
+from fastpeft.integrations.targeting import (check_fused_bases, put_back_base_layers, replace_module,
+                                             target_module_names, wrapped_layers)  # fmt: skip
 from fastpeft.nn.ia3 import IA3Linear
-from fastpeft.nn.lora import is_bnb_linear4bit, is_supported_base
 
 # IA3Config fields (some only in other peft versions) fastpeft does not implement, with the value that means "off".
 _UNSUPPORTED_OPTIONS = {
@@ -70,22 +70,16 @@ def inject_ia3(model: nn.Module, config) -> list:
 
     Fills ``config``'s None target / feed-forward modules with peft's model-type defaults. Raises
     (before changing any module) for unsupported options and for targeted modules that are not a
-    torch.nn.Linear or a bitsandbytes Linear4bit, naming each such module and its type.
+    torch.nn.Linear, a bitsandbytes Linear4bit or an int8 Linear8bitLt, naming each such module and why.
     """
     check_supported(config)
     apply_model_type_defaults(model, config)
     names = target_module_names(model, config)
     modules = {name: model.get_submodule(name) for name in names}
-    unsupported = [f"{name} ({type(m).__name__})" for name, m in modules.items() if not is_supported_base(m)]
-    if unsupported:
-        raise NotImplementedError(
-            "fastpeft (IA)^3 runs on torch.nn.Linear and bitsandbytes Linear4bit layers; these targeted "
-            f"modules are neither: {', '.join(unsupported)}. Narrow target_modules, or use peft for them."
-        )
+    check_fused_bases(modules, "(IA)^3")
     for name, module in modules.items():
         layer = IA3Linear(module, is_feedforward=is_feedforward(config, name), init_ia3_weights=config.init_ia3_weights)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replace_module(model, name, layer)
     return names
 
 
@@ -95,37 +89,30 @@ def ia3_parameter_names(model: nn.Module) -> list:
 
 
 def _layers(model: nn.Module) -> list:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, IA3Linear)]
-
-
-def _put_back_base_layers(model: nn.Module, layers: list) -> nn.Module:
-    for name, module in layers:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
-    return model
+    return wrapped_layers(model, IA3Linear)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every IA3Linear's vector into its dense base layer and put the base layer back in its place.
 
-    Raises (before merging any layer) if a base layer is 4-bit: its weight cannot hold the scaled
+    Raises (before merging any layer) if a base layer is quantized (4-bit or int8): its weight cannot hold the scaled
     weight exactly; use ``unload`` there, or load the model dense to merge.
     """
     layers = _layers(model)
-    quantized = [name for name, m in layers if m.is_4bit or is_bnb_linear4bit(m.base_layer)]
+    quantized = [name for name, m in layers if m.base_kind != "dense"]
     if quantized:
         raise NotImplementedError(
-            f"merge_and_unload needs dense base layers; {len(quantized)} (IA)^3 layers have a 4-bit base "
+            f"merge_and_unload needs dense base layers; {len(quantized)} (IA)^3 layers have a quantized base "
             f"(e.g. {quantized[0]}). Nothing was merged. Use unload(), or load the model dense to merge."
         )
     for _, module in layers:
         module.merge()
-    return _put_back_base_layers(model, layers)
+    return put_back_base_layers(model, layers)
 
 
 def unload_ia3(model: nn.Module) -> nn.Module:
     """Put every IA3Linear's base layer back in its place, dropping the vectors (no merge)."""
-    return _put_back_base_layers(model, _layers(model))
+    return put_back_base_layers(model, _layers(model))
 
 
 def _inject(model: nn.Module, config) -> Injection:

@@ -7,12 +7,12 @@ adapter parameters end up with peft's names: ``<module path>.lora_A.weight`` and
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from fastpeft.integrations.registry import Injection, register_method
-from fastpeft.nn.lora import LoRALinear, is_bnb_linear8bit, lora_base_problem
+from fastpeft.integrations.targeting import (check_fused_bases, put_back_base_layers, replace_module,
+                                             target_module_names, wrapped_layers)  # fmt: skip
+from fastpeft.nn.lora import LoRALinear
 
 # LoraConfig fields fastpeft does not implement, with the value that means "off".
 _UNSUPPORTED_OPTIONS = {
@@ -51,17 +51,6 @@ def check_supported(config) -> None:
         )
 
 
-def target_module_names(model: nn.Module, config) -> list:
-    """Names of the modules peft would adapt, resolved with peft's own matching rules."""
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
-
-    config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
-    names = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
-    if not names:
-        raise ValueError(f"target_modules {config.target_modules!r} matched no module of {type(model).__name__}")
-    return names
-
-
 def _pattern_value(pattern: dict, name: str, default):
     from peft.utils.other import get_pattern_key
 
@@ -80,24 +69,13 @@ def inject_lora(model: nn.Module, config) -> list:
     check_supported(config)
     names = target_module_names(model, config)
     modules = {name: model.get_submodule(name) for name in names}
-    problems = {name: lora_base_problem(m) for name, m in modules.items()}
-    unsupported = [
-        f"{name} ({problem if is_bnb_linear8bit(modules[name]) else type(modules[name]).__name__})"
-        for name, problem in problems.items()
-        if problem is not None
-    ]
-    if unsupported:
-        raise NotImplementedError(
-            "fastpeft LoRA runs on torch.nn.Linear, bitsandbytes Linear4bit and int8 Linear8bitLt layers; "
-            f"these targeted modules are not: {', '.join(unsupported)}. Narrow target_modules, or use peft for them."
-        )
+    check_fused_bases(modules, "LoRA")
     for name, module in modules.items():
         r = _pattern_value(config.rank_pattern, name, config.r)
         alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
         layer = LoRALinear(module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                            use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)  # fmt: skip
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replace_module(model, name, layer)
     return names
 
 
@@ -112,14 +90,11 @@ def lora_parameter_names(model: nn.Module) -> list:
 
 
 def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    layers = wrapped_layers(model, LoRALinear)
     if merge:
         for _, module in layers:
             module.merge()  # raises for quantized bases before any layer is replaced
-    for name, module in layers:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
-    return model
+    return put_back_base_layers(model, layers)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -21,7 +21,8 @@ from collections import Counter
 from torch import nn
 
 from fastpeft.integrations import patch_ia3
-from fastpeft.nn.lora import fused_lora_forward, lora_base_problem
+from fastpeft.nn.base import base_layer_problem
+from fastpeft.nn.lora import fused_lora_forward
 
 _MARK = "_fastpeft_patched"
 
@@ -59,7 +60,7 @@ def _reason_not_fusable(module) -> str | None:
         pass
     if not isinstance(module, linear_types):
         return f"{type(module).__name__} LoRA layers are not fused (only Linear / Linear4bit / Linear8bitLt)"
-    problem = lora_base_problem(module.get_base_layer())
+    problem = base_layer_problem(module.get_base_layer())
     if problem is not None:
         return f"base layer: {problem}"
     if getattr(module, "fan_in_fan_out", False):

@@ -8,7 +8,7 @@ base layer and ``ia3_l`` vectors.
 from __future__ import annotations
 
 from fastpeft.nn.ia3 import fused_ia3_forward
-from fastpeft.nn.lora import is_supported_base
+from fastpeft.nn.base import base_layer_problem
 
 
 def layer_class() -> type:
@@ -25,7 +25,8 @@ def _fusable_types() -> tuple:
     try:
         from peft.tuners.ia3 import bnb as ia3_bnb
 
-        types_ += tuple(t for t in (getattr(ia3_bnb, "Linear4bit", None),) if t is not None)
+        types_ += tuple(t for t in (getattr(ia3_bnb, "Linear4bit", None), getattr(ia3_bnb, "Linear8bitLt", None))
+                        if t is not None)  # fmt: skip
     except ImportError:
         pass
     return types_
@@ -34,12 +35,13 @@ def _fusable_types() -> tuple:
 def reason_not_fusable(module) -> str | None:
     """Why the fused op cannot run this peft (IA)^3 layer, or None if it can."""
     if not isinstance(module, _fusable_types()):
-        return f"{type(module).__name__} (IA)^3 layers are not fused (only Linear / Linear4bit)"
+        return f"{type(module).__name__} (IA)^3 layers are not fused (only Linear / Linear4bit / Linear8bitLt)"
     base = module.get_base_layer()
     if getattr(module, "fan_in_fan_out", False) or getattr(module, "is_target_conv_1d_layer", False):
         return f"fan_in_fan_out=True (base layer {type(base).__name__})"
-    if not is_supported_base(base):
-        return f"base layer {type(base).__name__} is not nn.Linear or bitsandbytes Linear4bit"
+    problem = base_layer_problem(base)
+    if problem is not None:
+        return f"base layer: {problem}"
     return None
 
 

@@ -1,4 +1,5 @@
-"""(IA)^3 layer on fastpeft's fused op: a drop-in for peft's ``ia3.Linear`` / ``ia3.Linear4bit``."""
+"""(IA)^3 layer on fastpeft's fused op: a drop-in for peft's ``ia3.Linear`` / ``ia3.Linear4bit``, also on
+bitsandbytes int8 bases."""
 
 from __future__ import annotations
 
@@ -7,17 +8,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fastpeft.nn.lora import compute_dtype
+from fastpeft.nn.base import base_kind, cast, check_base_layer, compute_dtype, freeze, frozen_weight, kind_label
+from fastpeft.nn.base import output_dtype
 from fastpeft.ops.ia3 import ia3_linear
-from fastpeft.quant import Quant4bitWeight
-
-
-def is_bnb_linear4bit(module: nn.Module) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(module, bnb.nn.Linear4bit)
 
 
 def fused_ia3_forward(
@@ -26,35 +19,31 @@ def fused_ia3_forward(
     is_feedforward: bool,
     x: torch.Tensor,
     task_ids: Optional[torch.Tensor] = None,
-    is_4bit: Optional[bool] = None,
+    kind: Optional[str] = None,
 ) -> torch.Tensor:
     """``base_layer(x) * l`` (or ``base_layer(x * l)`` with ``is_feedforward``) through the fused op.
 
-    ``base_layer`` is a frozen ``torch.nn.Linear`` or bitsandbytes ``Linear4bit``; ``vectors`` a bank
-    [T, features] (any shape with one row of features when ``task_ids`` is None: peft's (out, 1) and
-    (1, in) vectors are flattened). Runs in the base weight's dtype (the autocast dtype under
-    ``torch.autocast``), or the 4-bit layer's ``compute_dtype``, whose output comes back in x's dtype.
-    Differentiable in x and the vectors (a view or product of parameters keeps its graph).
+    ``base_layer`` is a frozen ``torch.nn.Linear``, bitsandbytes ``Linear4bit`` or int8
+    ``Linear8bitLt`` (``kind``: its ``fastpeft.nn.base.base_kind``, detected when None); ``vectors``
+    a bank [T, features] (any shape with one row of features when ``task_ids`` is None: peft's
+    (out, 1) and (1, in) vectors are flattened). dtypes follow the base layer's rule
+    (``fastpeft.nn.base.compute_dtype``). Differentiable in x and the vectors (a view or product of
+    parameters keeps its graph).
     """
-    if is_4bit is None:
-        is_4bit = is_bnb_linear4bit(base_layer)
+    kind = kind or base_kind(base_layer)
     if task_ids is None:
         vectors = vectors.reshape(1, -1)
-    dtype = compute_dtype(base_layer, x, is_4bit)
-    bias = base_layer.bias
-    bias = None if bias is None else bias.to(dtype)
-    if is_4bit:
-        weight = Quant4bitWeight.from_bnb(base_layer.weight)
-    else:
-        weight = base_layer.weight if base_layer.weight.dtype == dtype else base_layer.weight.to(dtype)
+    dtype = compute_dtype(base_layer, x, kind)
     if vectors.dtype not in (torch.float32, dtype):
         vectors = vectors.to(dtype)
-    out = ia3_linear(x.to(dtype), weight, bias, vectors, task_ids, is_feedforward)
-    return out.to(x.dtype) if is_4bit else out
+    weight = frozen_weight(base_layer, kind, dtype)
+    out = ia3_linear(cast(x, dtype), weight, cast(base_layer.bias, dtype), vectors, task_ids, is_feedforward)
+    return cast(out, output_dtype(x, dtype, kind))
 
 
 class IA3Linear(nn.Module):
-    """(IA)^3 around a frozen ``torch.nn.Linear`` or ``bitsandbytes.nn.Linear4bit``.
+    """(IA)^3 around a frozen ``torch.nn.Linear``, ``bitsandbytes.nn.Linear4bit`` or int8
+    ``bitsandbytes.nn.Linear8bitLt``.
 
     ``is_feedforward=False`` (keys, values): ``forward(x) = base_layer(x) * l``.
     ``is_feedforward=True`` (the FFN down-projection): ``forward(x) = base_layer(x * l)``.
@@ -80,16 +69,11 @@ class IA3Linear(nn.Module):
         dtype: Optional[torch.dtype] = torch.float32,
     ):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"IA3Linear wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got {type(base_layer).__name__}")
-        self.is_4bit = is_bnb_linear4bit(base_layer)
-        if not self.is_4bit and type(base_layer) is not nn.Linear:
-            raise TypeError(f"IA3Linear supports torch.nn.Linear and bitsandbytes.nn.Linear4bit, not {type(base_layer).__name__}")
+        self.base_kind = check_base_layer(base_layer, "IA3Linear")
         if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1):
             raise ValueError(f"num_tasks must be None or an int >= 1, got {num_tasks!r}")
         self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
+        freeze(base_layer)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.is_feedforward = bool(is_feedforward)
@@ -143,9 +127,14 @@ class IA3Linear(nn.Module):
             return self.base_layer(x)
         if self.num_tasks is not None and self.num_tasks > 1 and task_ids is None:
             raise ValueError(f"this layer holds {self.num_tasks} task vectors: pass task_ids ([batch] task per example)")
-        return fused_ia3_forward(self.base_layer, self.vectors, self.is_feedforward, x, task_ids, self.is_4bit)
+        return fused_ia3_forward(self.base_layer, self.vectors, self.is_feedforward, x, task_ids, self.base_kind)
 
     # ---- merge -----------------------------------------------------------------------------------
+
+    @property
+    def is_4bit(self) -> bool:
+        """The base is a bitsandbytes 4-bit layer."""
+        return self.base_kind == "4bit"
 
     def _single_vector(self) -> torch.Tensor:
         if self.num_tasks not in (None, 1):
@@ -155,8 +144,10 @@ class IA3Linear(nn.Module):
     def merge(self) -> None:
         """Fold the vector into a dense base (rows of W and the bias, or columns of W for feed-forward);
         forward then runs the base layer alone."""
-        if self.is_4bit:
-            raise NotImplementedError("merge() needs a dense base layer: a 4-bit weight cannot hold the scaled weight exactly")
+        if self.base_kind != "dense":
+            raise NotImplementedError(
+                f"merge() needs a dense base layer: a {kind_label(self.base_kind)} weight cannot hold the scaled weight exactly"
+            )
         if self.merged:
             return
         l = self._single_vector()
@@ -189,6 +180,6 @@ class IA3Linear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        kind = "nf4/fp4" if self.is_4bit else "dense"
+        kind = kind_label(self.base_kind)
         side = "feedforward (input)" if self.is_feedforward else "output"
         return f"{side}, num_tasks={self.num_tasks}, base={kind}"

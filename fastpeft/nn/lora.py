@@ -4,121 +4,35 @@
 from __future__ import annotations
 
 import math
-import sys
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from fastpeft.ops.lora import lora_linear_multi
-from fastpeft.quant import Int8Weight, Quant4bitWeight
+from fastpeft.nn.base import cast, check_base_layer, compute_dtype, freeze, frozen_weight, kind_label, output_dtype
+from fastpeft.nn.base import base_kind as _base_kind
+from fastpeft.ops.lora import lora_linear_grouped
 
 
-def is_bnb_linear4bit(module: nn.Module) -> bool:
-    # A Linear4bit can only exist once bitsandbytes was imported, so never import it here (slow).
-    bnb = sys.modules.get("bitsandbytes")
-    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
-
-
-def is_bnb_linear8bit(module: nn.Module) -> bool:
-    """A bitsandbytes ``Linear8bitLt`` (LLM.int8()), whatever its ``has_fp16_weights``."""
-    bnb = sys.modules.get("bitsandbytes")
-    return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
-
-
-def _base_kind(module: nn.Module) -> str:
-    if is_bnb_linear4bit(module):
-        return "4bit"
-    if is_bnb_linear8bit(module):
-        return "8bit"
-    return "dense"
-
-
-def _cast(t, dtype):
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
-def is_supported_base(module: nn.Module) -> bool:
-    """A frozen layer every fused linear op (LoRA, (IA)^3, sparse deltas, multi-LoRA) can run:
-    torch.nn.Linear or bitsandbytes.nn.Linear4bit. LoRA also runs on Linear8bitLt, see
-    ``is_lora_supported_base``."""
-    return type(module) is nn.Linear or is_bnb_linear4bit(module)
-
-
-def lora_base_problem(module: nn.Module):
-    """Why LoRALinear cannot wrap ``module`` (None when it can): it runs on torch.nn.Linear,
-    bitsandbytes Linear4bit and bitsandbytes Linear8bitLt with int8 weights."""
-    if is_supported_base(module):
-        return None
-    if is_bnb_linear8bit(module):
-        if getattr(module.state, "has_fp16_weights", False) or module.weight.dtype != torch.int8:
-            return (
-                "bitsandbytes Linear8bitLt with has_fp16_weights=True (or not yet quantized): its weight is "
-                f"{module.weight.dtype}, not int8"
-            )
-        return None
-    return f"{type(module).__name__} is not nn.Linear, bitsandbytes Linear4bit or Linear8bitLt"
-
-
-def is_lora_supported_base(module: nn.Module) -> bool:
-    """A frozen layer LoRALinear can wrap: nn.Linear, bitsandbytes Linear4bit, or Linear8bitLt with
-    int8 weights (``has_fp16_weights=False``, the ``load_in_8bit`` default)."""
-    return lora_base_problem(module) is None
-
-
-def compute_dtype(base_layer: nn.Module, x: torch.Tensor, is_4bit: bool) -> torch.dtype:
-    """The dtype the fused op runs in: the base weight's (the autocast dtype under torch.autocast)
-    for a dense base, ``compute_dtype`` (else x's dtype) for a bitsandbytes 4-bit base. (For a
-    bitsandbytes int8 base see ``lora_compute_dtype``.)"""
-    if is_4bit:
-        return getattr(base_layer, "compute_dtype", None) or x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return base_layer.weight.dtype
-
-
-def lora_compute_dtype(base_layer: nn.Module, x: torch.Tensor, kind: str) -> torch.dtype:
-    """``compute_dtype``, and for a bitsandbytes int8 base: the autocast dtype under
-    torch.autocast, else x's dtype (bitsandbytes' 8-bit matmul runs in x's dtype)."""
-    if kind == "8bit":
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return x.dtype
-    return compute_dtype(base_layer, x, kind == "4bit")
-
-
-def _kind_of(base_layer, is_4bit) -> str:
-    # is_4bit: None (detect), a bool (the historical flag: 4-bit or dense) or the kind itself.
-    if isinstance(is_4bit, str):
-        return is_4bit
-    if is_4bit is None:
-        return _base_kind(base_layer)
-    return "4bit" if is_4bit else "dense"
-
-
-def fused_lora_args(base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor, is_4bit=None):
+def fused_lora_args(base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor,
+                    kind: Optional[str] = None):  # fmt: skip
     """(compute dtype, frozen weight, bias, A, B) for the fused op; tensors in the compute dtype.
 
-    ``is_4bit`` may also be the base kind, ``"dense"``, ``"4bit"`` or ``"8bit"`` (None: detected)."""
-    kind = _kind_of(base_layer, is_4bit)
-    dtype = lora_compute_dtype(base_layer, x, kind)
-    if kind == "4bit":
-        weight = Quant4bitWeight.from_bnb(base_layer.weight)
-    elif kind == "8bit":
-        weight = Int8Weight.from_bnb(base_layer)
-    else:
-        weight = _cast(base_layer.weight, dtype)
-    return dtype, weight, _cast(base_layer.bias, dtype), _cast(lora_A, dtype), _cast(lora_B, dtype)
+    ``kind`` is the base kind, ``"dense"``, ``"4bit"`` or ``"int8"`` (None: detected)."""
+    kind = kind or _base_kind(base_layer)
+    dtype = compute_dtype(base_layer, x, kind)
+    weight = frozen_weight(base_layer, kind, dtype)
+    return dtype, weight, cast(base_layer.bias, dtype), cast(lora_A, dtype), cast(lora_B, dtype)
 
 
-def fused_lora_forward(base_layer, lora_A, lora_B, scaling, dropout_p, x, is_4bit=None):
+def fused_lora_forward(base_layer, lora_A, lora_B, scaling, dropout_p, x, kind: Optional[str] = None):
     """``base_layer(x) + scaling * (dropout(x) A^T) B^T`` through the fused op (one projection).
 
     A quantized base (4-bit or int8) returns x's dtype, as bitsandbytes does."""
-    kind = _kind_of(base_layer, is_4bit)
+    kind = kind or _base_kind(base_layer)
     dtype, weight, bias, A, B = fused_lora_args(base_layer, lora_A, lora_B, x, kind)
-    (out,) = lora_linear_multi(_cast(x, dtype), [weight], [bias], [A], [B], [scaling], dropout_p)
-    return _cast(out, x.dtype) if kind != "dense" else out
+    (out,) = lora_linear_grouped(cast(x, dtype), [weight], [bias], [A], [B], [scaling], dropout_p)
+    return cast(out, output_dtype(x, dtype, kind))
 
 
 class LoRALinear(nn.Module):
@@ -137,10 +51,10 @@ class LoRALinear(nn.Module):
     frozen. Adapter weights are float32 by default (peft's ``autocast_adapter_dtype``) and are cast
     to the compute dtype in forward; pass ``dtype`` to keep them in another dtype.
 
-    The compute dtype is the base weight's dtype for a dense base (the autocast dtype under
-    ``torch.autocast``), ``base_layer.compute_dtype`` (else x's dtype) for a 4-bit base, and x's
-    dtype (the autocast dtype under ``torch.autocast``) for an int8 base; quantized bases return
-    x's dtype, as bitsandbytes does.
+    dtypes follow the base layer's own rule (``fastpeft.nn.base``): a dense base runs in its weight's
+    dtype and, like ``nn.Linear``, refuses x of another dtype (under ``torch.autocast`` it runs in
+    the autocast dtype); a 4-bit base computes in ``base_layer.compute_dtype`` (else x's dtype) and
+    an int8 base in x's dtype, both returning x's dtype, as bitsandbytes does.
 
     An int8 base computes ``x W^T`` with the dequantized weight ``W = CB * SCB / 127`` in the compute
     dtype. bitsandbytes' own 8-bit forward also quantizes x to int8 (keeping outlier columns above
@@ -163,20 +77,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"r must be an int >= 1, got {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(
-                "LoRALinear wraps torch.nn.Linear, bitsandbytes.nn.Linear4bit or bitsandbytes.nn.Linear8bitLt, got "
-                f"{type(base_layer).__name__}"
-            )
-        problem = lora_base_problem(base_layer)
-        if problem is not None:
-            raise TypeError(f"LoRALinear cannot wrap this layer: {problem}")
-        self.base_kind = _base_kind(base_layer)  # "dense", "4bit" or "8bit"
-        self.is_4bit = self.base_kind == "4bit"
-        self.is_8bit = self.base_kind == "8bit"
+        self.base_kind = check_base_layer(base_layer, "LoRALinear")  # "dense", "4bit" or "int8"
         self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
+        freeze(base_layer)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.r = r
@@ -202,6 +105,16 @@ class LoRALinear(nn.Module):
         else:
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
         nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def is_4bit(self) -> bool:
+        """The base is a bitsandbytes 4-bit layer."""
+        return self.base_kind == "4bit"
+
+    @property
+    def is_int8(self) -> bool:
+        """The base is a bitsandbytes int8 (LLM.int8()) layer."""
+        return self.base_kind == "int8"
 
     # ---- forward ---------------------------------------------------------------------------------
 
@@ -233,7 +146,7 @@ class LoRALinear(nn.Module):
         """Add the adapter into a dense base weight; forward then runs the base layer alone."""
         if self.base_kind != "dense":
             raise NotImplementedError(
-                f"merge() needs a dense base layer: a {self.base_kind.replace('4bit', '4-bit').replace('8bit', 'int8')} weight cannot hold the merged update "
+                f"merge() needs a dense base layer: a {self.base_kind.replace('4bit', '4-bit')} weight cannot hold the merged update "
                 "exactly. Dequantize the base to a dense nn.Linear first."
             )
         if self.merged:
@@ -253,7 +166,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        kind = {"4bit": "nf4/fp4", "8bit": "int8"}.get(self.base_kind, "dense")
+        kind = kind_label(self.base_kind)
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout}, base={kind}"
 
 
@@ -289,8 +202,8 @@ class LoRAProjectionGroup(nn.Module):
             raise ValueError(f"layers of a group must share a compute dtype, got {sorted(map(str, dtypes))}")
         first = self.layers[0]
         p = first.lora_dropout if self.training else 0.0
-        outs = lora_linear_multi(
-            x.to(args[0][0]),
+        outs = lora_linear_grouped(
+            cast(x, args[0][0]),
             [a[1] for a in args],
             [a[2] for a in args],
             [a[3] for a in args],
@@ -298,4 +211,4 @@ class LoRAProjectionGroup(nn.Module):
             [layer.scaling for layer in self.layers],
             p,
         )
-        return tuple(o.to(x.dtype) for o in outs) if first.base_kind != "dense" else tuple(outs)
+        return tuple(cast(o, output_dtype(x, args[0][0], first.base_kind)) for o in outs)

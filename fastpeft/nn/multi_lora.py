@@ -8,16 +8,16 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastpeft.nn.lora import compute_dtype, is_bnb_linear4bit
+from fastpeft.nn.base import cast, check_base_layer, compute_dtype, freeze, frozen_weight, kind_label, output_dtype
 from fastpeft.ops.multi_lora import MultiLoRAPlan, multi_lora_linear
-from fastpeft.quant import Quant4bitWeight
 
 # peft's adapter name for "this example uses no adapter" (peft's `adapter_names=[..., "__base__"]`).
 BASE_ADAPTER = "__base__"
 
 
 class MultiLoRALinear(nn.Module):
-    """Several LoRA adapters around one frozen ``nn.Linear`` or ``bitsandbytes.nn.Linear4bit``.
+    """Several LoRA adapters around one frozen ``nn.Linear``, ``bitsandbytes.nn.Linear4bit`` or int8
+    ``bitsandbytes.nn.Linear8bitLt``.
 
     ``forward(x, adapter_index)`` computes, for each example (or token) of x, the base layer plus
     the adapter it names, in one fused op (``fastpeft.ops.multi_lora_linear``): the base GEMM once
@@ -41,18 +41,9 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, dtype: Optional[torch.dtype] = torch.float32):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(
-                f"MultiLoRALinear wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got {type(base_layer).__name__}"
-            )
-        self.is_4bit = is_bnb_linear4bit(base_layer)
-        if not self.is_4bit and type(base_layer) is not nn.Linear:
-            raise TypeError(
-                f"MultiLoRALinear supports torch.nn.Linear and bitsandbytes.nn.Linear4bit, not {type(base_layer).__name__}"
-            )
+        self.base_kind = check_base_layer(base_layer, "MultiLoRALinear")
         self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
+        freeze(base_layer)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.adapter_dtype = dtype
@@ -128,14 +119,16 @@ class MultiLoRALinear(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
 
+    @property
+    def is_4bit(self) -> bool:
+        """The base is a bitsandbytes 4-bit layer."""
+        return self.base_kind == "4bit"
+
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return compute_dtype(self.base_layer, x, self.is_4bit)
+        return compute_dtype(self.base_layer, x, self.base_kind)
 
     def _frozen_weight(self, dtype: torch.dtype):
-        if self.is_4bit:
-            return Quant4bitWeight.from_bnb(self.base_layer.weight)
-        w = self.base_layer.weight
-        return w if w.dtype == dtype else w.to(dtype)
+        return frozen_weight(self.base_layer, self.base_kind, dtype)
 
     def forward(self, x: torch.Tensor, adapter_index: Union[torch.Tensor, Sequence, MultiLoRAPlan]) -> torch.Tensor:
         """``base(x)`` plus, for every example, its adapter's LoRA update; ``adapter_index`` is a [B] tensor
@@ -146,21 +139,19 @@ class MultiLoRALinear(nn.Module):
             adapter_index = self.index_of(adapter_index, device=x.device)
         dtype = self._compute_dtype(x)
         names = self.adapter_names
-        cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
-        bias = self.base_layer.bias
         out = multi_lora_linear(
-            x.to(dtype),
+            cast(x, dtype),
             self._frozen_weight(dtype),
-            None if bias is None else cast(bias),
-            [cast(self.lora_A[n].weight) for n in names],
-            [cast(self.lora_B[n].weight) for n in names],
+            cast(self.base_layer.bias, dtype),
+            [cast(self.lora_A[n].weight, dtype) for n in names],
+            [cast(self.lora_B[n].weight, dtype) for n in names],
             [self.scaling[n] for n in names],
             adapter_index,
             [self.lora_dropout[n] if self.training else 0.0 for n in names],
         )
-        return out.to(x.dtype) if self.is_4bit else out
+        return cast(out, output_dtype(x, dtype, self.base_kind))
 
     def extra_repr(self) -> str:
-        kind = "nf4/fp4" if self.is_4bit else "dense"
+        kind = kind_label(self.base_kind)
         adapters = ", ".join(f"{n}(r={self.r[n]}, scaling={self.scaling[n]:g})" for n in self.adapter_names)
         return f"in={self.in_features}, out={self.out_features}, base={kind}, adapters=[{adapters}]"

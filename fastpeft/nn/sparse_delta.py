@@ -1,4 +1,4 @@
-"""SparseDeltaLinear: a frozen dense or 4-bit linear layer plus a trainable sparse delta."""
+"""SparseDeltaLinear: a frozen dense, 4-bit or int8 linear layer plus a trainable sparse delta."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from fastpeft.nn.lora import compute_dtype, is_bnb_linear4bit
+from fastpeft.nn.base import cast, check_base_layer, compute_dtype, freeze, frozen_weight, kind_label, output_dtype
 from fastpeft.ops.sparse_delta import dense_delta_reference, merged_weight, sparse_delta_linear
 from fastpeft.optim.masks import Mask, index_dtype, validate_indices
-from fastpeft.quant import Quant4bitWeight
 
 
 class SparseDeltaLinear(nn.Module):
-    """``forward(x) = x (W + D)^T + b``: a frozen ``torch.nn.Linear`` or
-    ``bitsandbytes.nn.Linear4bit`` base ``W`` plus a sparse delta ``D`` that is trained.
+    """``forward(x) = x (W + D)^T + b``: a frozen ``torch.nn.Linear``, ``bitsandbytes.nn.Linear4bit``
+    or int8 ``bitsandbytes.nn.Linear8bitLt`` base ``W`` plus a sparse delta ``D`` that is trained.
 
     ``D`` is zero except at ``indices`` (buffer; sorted unique flat indices into [out, in],
     int32 or int64) where it holds ``values`` (parameter, float32 by default, zeros at start).
@@ -25,9 +24,7 @@ class SparseDeltaLinear(nn.Module):
     output gradient and x over the tokens), not a dense out x in weight gradient. Saved for
     backward: x, the indices and the values.
 
-    Compute dtype as LoRALinear: the base weight's dtype (autocast dtype under torch.autocast)
-    for a dense base; ``base_layer.compute_dtype`` (else x's dtype) for a 4-bit base, whose
-    output is returned in x's dtype. ``merge()`` returns a plain ``nn.Linear`` holding W + D.
+    dtypes as LoRALinear: the base layer's own rule (``fastpeft.nn.base.compute_dtype``). ``merge()`` returns a plain ``nn.Linear`` holding W + D.
     """
 
     def __init__(
@@ -38,18 +35,9 @@ class SparseDeltaLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(
-                f"SparseDeltaLinear wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got {type(base_layer).__name__}"
-            )
-        self.is_4bit = is_bnb_linear4bit(base_layer)
-        if not self.is_4bit and type(base_layer) is not nn.Linear:
-            raise TypeError(
-                f"SparseDeltaLinear supports torch.nn.Linear and bitsandbytes.nn.Linear4bit, not {type(base_layer).__name__}"
-            )
+        self.base_kind = check_base_layer(base_layer, "SparseDeltaLinear")
         self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
+        freeze(base_layer)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         device = base_layer.weight.device
@@ -73,24 +61,25 @@ class SparseDeltaLinear(nn.Module):
     def density(self) -> float:
         return self.indices.numel() / (self.in_features * self.out_features)
 
+    @property
+    def is_4bit(self) -> bool:
+        """The base is a bitsandbytes 4-bit layer."""
+        return self.base_kind == "4bit"
+
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return compute_dtype(self.base_layer, x, self.is_4bit)
+        return compute_dtype(self.base_layer, x, self.base_kind)
 
     def frozen_weight(self, dtype: torch.dtype):
-        """The base weight as the op takes it: a dense tensor of ``dtype`` or a Quant4bitWeight."""
-        if self.is_4bit:
-            return Quant4bitWeight.from_bnb(self.base_layer.weight)
-        w = self.base_layer.weight
-        return w if w.dtype == dtype else w.to(dtype)
+        """The base weight as the op takes it: a dense tensor of ``dtype``, a Quant4bitWeight or an
+        Int8Weight."""
+        return frozen_weight(self.base_layer, self.base_kind, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (W + delta)^T + b``, the delta added while W is materialised (no dense delta tensor)."""
         dtype = self._compute_dtype(x)
         bias = self.base_layer.bias
-        out = sparse_delta_linear(
-            x.to(dtype), self.frozen_weight(dtype), None if bias is None else bias.to(dtype), self.indices, self.values
-        )
-        return out.to(x.dtype) if self.is_4bit else out
+        out = sparse_delta_linear(cast(x, dtype), self.frozen_weight(dtype), cast(bias, dtype), self.indices, self.values)
+        return cast(out, output_dtype(x, dtype, self.base_kind))
 
     def delta_weight(self) -> torch.Tensor:
         """The dense float32 delta D (for inspection; the forward never builds it)."""
@@ -98,9 +87,9 @@ class SparseDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """W + D as a new dense tensor (default dtype: the base weight's, or the dtype a 4-bit
-        weight was quantized from), rounded once after the float32 sum."""
-        base = Quant4bitWeight.from_bnb(self.base_layer.weight) if self.is_4bit else self.base_layer.weight
+        """W + D as a new dense tensor (default dtype: the base weight's, the dtype a 4-bit weight
+        was quantized from, float32 for int8), rounded once after the float32 sum."""
+        base = self.frozen_weight(self.base_layer.weight.dtype)  # the weight itself when dense
         return merged_weight(base, self.indices, self.values, dtype)
 
     @torch.no_grad()
@@ -115,7 +104,7 @@ class SparseDeltaLinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        kind = "nf4/fp4" if self.is_4bit else "dense"
+        kind = kind_label(self.base_kind)
         return f"in={self.in_features}, out={self.out_features}, trained={self.indices.numel()}, base={kind}"
 
 
@@ -133,10 +122,9 @@ def apply_sparse_deltas(model: nn.Module, mask: Mask, dtype: torch.dtype = torch
             continue
         idx = mask[key]
         layer = SparseDeltaLinear(module, idx.to(index_dtype(module.in_features * module.out_features)), dtype=dtype)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if not child:
+        if not name:
             raise ValueError("apply_sparse_deltas cannot replace the model itself; wrap the layer directly")
-        setattr(parent, child, layer)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         replaced[name] = layer
     return replaced

@@ -6,7 +6,8 @@ Ops (``torch.ops.fastpeft.*``):
   ``vectors`` is a bank ``[T, d]`` and ``task_ids`` ``[B]`` (``None``: one task, ``T == 1``).
   One launch for any number of tasks; backward reduces the vector gradients per task in one pass
   over the activations, with no atomics. Saves ``x`` for backward.
-* ``ia3_linear`` / ``ia3_linear_4bit``: a frozen linear layer (dense or bitsandbytes 4-bit) with
+* ``ia3_linear``: a frozen linear layer (dense, bitsandbytes 4-bit or int8; the weight argument is
+  built by ``fastpeft.quant.frozen_weight_args``) with
   (IA)^3 on its output (``y = (x W^T + b) * l``, keys and values) or on its input
   (``y = (x * l) W^T + b``, ``is_feedforward``, the FFN intermediate). For one task on a 4-bit
   base the vector is folded into the dequantization, so scaling costs no pass over activations;
@@ -20,15 +21,15 @@ This module registers the fake kernels and autograd, and holds the plain-PyTorch
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from fastpeft.ops.quant4bit import dequantize_4bit_reference
-from fastpeft.quant import Quant4bitWeight
+from fastpeft.ops.frozen_weight import dense_weight_reference
+from fastpeft.quant import FrozenWeight, Quant4bitWeight, frozen_weight_args, frozen_weight_shapes
 
-Weight = Union[torch.Tensor, Quant4bitWeight]
+Weight = FrozenWeight
 
 # ---- fake (meta) kernels -------------------------------------------------------------------------
 
@@ -50,36 +51,18 @@ def _(grad, saved, vectors, task_ids, divide_by_vectors, output_mask):
     return grad_x, grad_v
 
 
-def _fake_linear(x, out_features):
+@torch.library.register_fake("fastpeft::ia3_linear")
+def _(x, weight_format, weight_tensors, weight_ints, bias, vectors, task_ids, is_feedforward):
+    ((out_features, _),) = frozen_weight_shapes(weight_format, weight_tensors, weight_ints)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.register_fake("fastpeft::ia3_linear")
-def _(x, weight, bias, vectors, task_ids, is_feedforward):
-    return _fake_linear(x, weight.shape[0])
-
-
-@torch.library.register_fake("fastpeft::ia3_linear_4bit")
-def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize, nested_blocksize,
-      quant_type, bias, vectors, task_ids, is_feedforward):  # fmt: skip
-    return _fake_linear(x, out_features)
-
-
-def _fake_linear_backward(saved, in_features, vectors, output_mask):
+@torch.library.register_fake("fastpeft::ia3_linear_backward")
+def _(grad_out, saved, weight_format, weight_tensors, weight_ints, vectors, task_ids, is_feedforward, output_mask):
+    ((_, in_features),) = frozen_weight_shapes(weight_format, weight_tensors, weight_ints)
     grad_x = saved.new_empty((*saved.shape[:-1], in_features)) if output_mask[0] else saved.new_empty((0,))
     grad_v = vectors.new_empty(vectors.shape) if output_mask[1] else vectors.new_empty((0,))
     return grad_x, grad_v
-
-
-@torch.library.register_fake("fastpeft::ia3_linear_backward")
-def _(grad_out, saved, weight, vectors, task_ids, is_feedforward, output_mask):
-    return _fake_linear_backward(saved, weight.shape[1], vectors, output_mask)
-
-
-@torch.library.register_fake("fastpeft::ia3_linear_4bit_backward")
-def _(grad_out, saved, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, in_features,
-      blocksize, nested_blocksize, quant_type, vectors, task_ids, is_feedforward, output_mask):  # fmt: skip
-    return _fake_linear_backward(saved, in_features, vectors, output_mask)
 
 
 @torch.library.register_fake("fastpeft::dequantize_4bit_scaled_")
@@ -89,7 +72,7 @@ def _(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nest
 
 
 # ---- autograd ------------------------------------------------------------------------------------
-# ia3_scale, ia3_linear and ia3_linear_4bit have C++ autograd kernels (csrc/ia3/ia3_autograd.cpp):
+# ia3_scale and ia3_linear have C++ autograd kernels (csrc/ia3/ia3_autograd.cpp):
 # Python register_autograd would cost ~0.3 ms per layer and step.
 
 # ---- public functions ----------------------------------------------------------------------------
@@ -127,7 +110,8 @@ def ia3_linear(
 ) -> torch.Tensor:
     """Frozen linear with (IA)^3: ``(x W^T + b) * l`` or, with ``is_feedforward``, ``(x * l) W^T + b``.
 
-    ``weight`` is a dense [out, in] tensor (x's dtype) or a ``fastpeft.quant.Quant4bitWeight``;
+    ``weight`` is a dense [out, in] tensor (x's dtype), a ``fastpeft.quant.Quant4bitWeight`` or a
+    ``fastpeft.quant.Int8Weight``;
     ``vectors`` a bank [T, out] (output side) or [T, in] (feed-forward), float32 or x's dtype;
     ``task_ids`` [B] picks each example's vector (``None``: T == 1). The base weight and bias are
     frozen (no gradient). Saves y (output side) or x (feed-forward) for backward.
@@ -135,17 +119,8 @@ def ia3_linear(
     _check_frozen(weight, bias)
     if vectors.dim() == 1:
         vectors = vectors.unsqueeze(0)
-    if isinstance(weight, torch.Tensor):
-        return torch.ops.fastpeft.ia3_linear(x, weight, bias, vectors, task_ids, bool(is_feedforward))
-    if not isinstance(weight, Quant4bitWeight):
-        raise TypeError(f"weight must be a torch.Tensor or a fastpeft.quant.Quant4bitWeight, got {type(weight).__name__}")
-    if len(weight.shape) != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight has shape {tuple(weight.shape)} but x has {x.shape[-1]} features")
-    return torch.ops.fastpeft.ia3_linear_4bit(
-        x, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.nested_offset,
-        weight.shape[0], weight.blocksize, weight.nested_blocksize, weight.quant_type, bias, vectors, task_ids,
-        bool(is_feedforward),
-    )  # fmt: skip
+    fmt, tensors, ints = frozen_weight_args([weight], x.shape[-1], name="weight")
+    return torch.ops.fastpeft.ia3_linear(x, fmt, tensors, ints, bias, vectors, task_ids, bool(is_feedforward))
 
 
 def dequantize_4bit_scaled(weight: Quant4bitWeight, scale: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:
@@ -188,7 +163,7 @@ def ia3_linear_reference(
     is_feedforward: bool = False,
 ) -> torch.Tensor:
     """Plain-PyTorch ``ia3_linear``: the unfused module (scale, then linear; or linear, then scale)."""
-    w = dequantize_4bit_reference(weight, x.dtype) if isinstance(weight, Quant4bitWeight) else weight
+    w = dense_weight_reference(weight, x.dtype)
     if is_feedforward:
         return F.linear(ia3_scale_reference(x, vectors, task_ids), w, bias)
     y = F.linear(x, w, bias)

@@ -1,10 +1,10 @@
 """Fused LoRA linear: ``out = x W^T + b + scaling * (dropout(x) A^T) B^T``.
 
-The ops are ``torch.ops.fastpeft.lora_linear`` (dense W), ``torch.ops.fastpeft.lora_linear_4bit``
-(bitsandbytes NF4/FP4 W) and ``torch.ops.fastpeft.lora_linear_8bit`` (bitsandbytes LLM.int8() W,
-int8 rows with a float32 absmax each), each over a list of projections that share the input x (one shrink GEMM
-over the concatenated A matrices). This module registers their fake kernels and autograd, and
-holds the plain-PyTorch reference.
+One op, ``torch.ops.fastpeft.lora_linear``, over a list of projections that share the input x (one
+shrink GEMM over the concatenated A matrices), for any frozen-weight format: dense, bitsandbytes
+NF4/FP4 (QLoRA) or bitsandbytes LLM.int8() (``fastpeft.quant.frozen_weight_args`` builds the weight
+argument). This module registers its fake kernels (autograd is in C++) and holds the plain-PyTorch
+reference.
 
 Saved for backward (csrc/lora/lora_autograd.cpp): x and the [M, sum r] shrink output (plus
 references to the weights). Not saved: the dequantized weight (backward dequantizes again), the
@@ -14,68 +14,38 @@ dropout mask or dropped x (regenerated from the seed), any copy of the base outp
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+import warnings
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from fastpeft.ops.dropout import dropout_reference, new_seed
-from fastpeft.ops.quant4bit import dequantize_4bit_reference
-from fastpeft.quant import Int8Weight, Quant4bitWeight
+from fastpeft.ops.frozen_weight import dense_weight_reference
+from fastpeft.quant import FrozenWeight, frozen_weight_args, frozen_weight_shapes
 
-Weight = Union[torch.Tensor, Quant4bitWeight, Int8Weight]
+Weight = FrozenWeight
 
 # ---- fake (meta) kernels -------------------------------------------------------------------------
 
 
-def _fake_forward(x, lora_A, out_features):
+@torch.library.register_fake("fastpeft::lora_linear")
+def _(x, weight_format, weight_tensors, weight_ints, biases, lora_A, lora_B, scalings, dropout_p, seed):
     lead = tuple(x.shape[:-1])
-    outs = [x.new_empty((*lead, o)) for o in out_features]
+    outs = [x.new_empty((*lead, o)) for o, _ in frozen_weight_shapes(weight_format, weight_tensors, weight_ints)]
     shrink = x.new_empty((math.prod(lead), sum(a.shape[0] for a in lora_A)))
     return outs, shrink
 
 
-def _fake_backward(mask, x, lora_A, lora_B, n_weights=0, weights=()):
-    grad_x = x.new_empty(x.shape) if mask[0] else x.new_empty((0,))
-    grad_A = [a.new_empty(a.shape) for a in lora_A] if mask[1] else []
-    grad_B = [b.new_empty(b.shape) for b in lora_B] if mask[1] else []
-    grad_w = [w.new_empty(w.shape) for w in weights] if mask[2] else []
-    grad_b = [x.new_empty((b.shape[0],)) for b in lora_B] if mask[-1] else []
-    return grad_x, grad_A, grad_B, grad_w, grad_b
-
-
-@torch.library.register_fake("fastpeft::lora_linear")
-def _(x, weights, biases, lora_A, lora_B, scalings, dropout_p, seed):
-    return _fake_forward(x, lora_A, [w.shape[0] for w in weights])
-
-
-@torch.library.register_fake("fastpeft::lora_linear_4bit")
-def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksizes,
-      nested_blocksizes, quant_type, biases, lora_A, lora_B, scalings, dropout_p, seed):  # fmt: skip
-    return _fake_forward(x, lora_A, out_features)
-
-
 @torch.library.register_fake("fastpeft::lora_linear_backward")
-def _(grad_outs, x, shrink, weights, lora_A, lora_B, scalings, dropout_p, seed, output_mask):
-    return _fake_backward(output_mask, x, lora_A, lora_B, weights=weights)
-
-
-@torch.library.register_fake("fastpeft::lora_linear_4bit_backward")
-def _(grad_outs, x, shrink, packed, absmax, nested_absmax, nested_code, nested_offset, out_features,
-      blocksizes, nested_blocksizes, quant_type, lora_A, lora_B, scalings, dropout_p, seed, output_mask):  # fmt: skip
-    gx, ga, gb, _, gbias = _fake_backward([output_mask[0], output_mask[1], False, output_mask[2]], x, lora_A, lora_B)
-    return gx, ga, gb, gbias
-
-
-@torch.library.register_fake("fastpeft::lora_linear_8bit")
-def _(x, weights, scales, biases, lora_A, lora_B, scalings, dropout_p, seed):
-    return _fake_forward(x, lora_A, [w.shape[0] for w in weights])
-
-
-@torch.library.register_fake("fastpeft::lora_linear_8bit_backward")
-def _(grad_outs, x, shrink, weights, scales, lora_A, lora_B, scalings, dropout_p, seed, output_mask):
-    gx, ga, gb, _, gbias = _fake_backward([output_mask[0], output_mask[1], False, output_mask[2]], x, lora_A, lora_B)
-    return gx, ga, gb, gbias
+def _(grad_outs, x, shrink, weight_format, weight_tensors, weight_ints, lora_A, lora_B, scalings, dropout_p, seed,
+      output_mask):  # fmt: skip
+    grad_x = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
+    grad_A = [a.new_empty(a.shape) for a in lora_A] if output_mask[1] else []
+    grad_B = [b.new_empty(b.shape) for b in lora_B] if output_mask[1] else []
+    grad_w = [w.new_empty(w.shape) for w in weight_tensors] if output_mask[2] and weight_format == "dense" else []
+    grad_b = [x.new_empty((b.shape[0],)) for b in lora_B] if output_mask[3] else []
+    return grad_x, grad_A, grad_B, grad_w, grad_b
 
 
 @torch.library.register_fake("fastpeft::lora_shrink_dropout")
@@ -93,7 +63,7 @@ def _(grad_x, grad_shrink, lora_A, dropout_p, seed):
     return None
 
 
-# Autograd for lora_linear, lora_linear_4bit and lora_linear_8bit is registered in C++ (csrc/lora/lora_autograd.cpp):
+# Autograd for lora_linear is registered in C++ (csrc/lora/lora_autograd.cpp):
 # a Python autograd wrapper costs more per call than the layer's kernels on a GPU.
 
 # ---- public functions ----------------------------------------------------------------------------
@@ -108,7 +78,7 @@ def _biases_for_op(biases, weights):
     return biases
 
 
-def lora_linear_multi(
+def lora_linear_grouped(
     x: torch.Tensor,
     weights: Sequence[Weight],
     biases: Optional[Sequence[Optional[torch.Tensor]]],
@@ -118,7 +88,7 @@ def lora_linear_multi(
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,
 ) -> list:
-    """LoRA on several projections of one input (q/k/v, gate/up): ``[lora_linear(x, W_i, ...)]``.
+    """LoRA on a group of projections of one input (q/k/v, gate/up): ``[lora_linear(x, W_i, ...)]``.
 
     One shrink GEMM runs over the concatenated ``lora_A`` matrices, and one dropout mask applies to
     the shared ``x`` (each projection sees the same dropped input, unlike peft's independent
@@ -126,7 +96,7 @@ def lora_linear_multi(
     one quant_type, or all ``Int8Weight``; ``lora_A[i]`` is [r_i, in], ``lora_B[i]`` is [out_i, r_i]; every tensor has
     x's dtype and device. ``seed`` (an int64 tensor of one element) fixes the dropout mask; by
     default a fresh one is drawn from torch's CPU generator. Returns one output per weight,
-    shaped ``[..., out_i]``.
+    shaped ``[..., out_i]``. (``LoRAProjectionGroup`` is the layer on this op.)
     """
     weights = list(weights)
     if not weights:
@@ -137,45 +107,17 @@ def lora_linear_multi(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     seed = (new_seed() if seed is None else seed) if dropout_p > 0 else None
-    if all(isinstance(w, torch.Tensor) for w in weights):
-        outs, _ = torch.ops.fastpeft.lora_linear(x, weights, biases, list(lora_A), list(lora_B), scalings, dropout_p, seed)
-        return list(outs)
-    for i, w in enumerate(weights):
-        if isinstance(w, (Quant4bitWeight, Int8Weight)) and (len(w.shape) != 2 or w.shape[1] != x.shape[-1]):
-            raise ValueError(f"weights[{i}] has shape {tuple(w.shape)} but x has {x.shape[-1]} features")
-    if all(isinstance(w, Int8Weight) for w in weights):
-        outs, _ = torch.ops.fastpeft.lora_linear_8bit(
-            x, [w.data for w in weights], [w.scale for w in weights], biases, list(lora_A), list(lora_B), scalings,
-            dropout_p, seed,
-        )  # fmt: skip
-        return list(outs)
-    if not all(isinstance(w, Quant4bitWeight) for w in weights):
-        raise TypeError(
-            "weights must be all torch.Tensor (dense), all fastpeft.quant.Quant4bitWeight or all "
-            "fastpeft.quant.Int8Weight"
-        )
-    quant_types = {w.quant_type for w in weights}
-    if len(quant_types) != 1:
-        raise ValueError(f"all 4-bit weights of one call must share a quant_type, got {sorted(quant_types)}")
-    outs, _ = torch.ops.fastpeft.lora_linear_4bit(
-        x,
-        [w.packed for w in weights],
-        [w.absmax for w in weights],
-        [w.nested_absmax for w in weights],
-        [w.nested_code for w in weights],
-        [w.nested_offset for w in weights],
-        [w.shape[0] for w in weights],
-        [w.blocksize for w in weights],
-        [w.nested_blocksize for w in weights],
-        quant_types.pop(),
-        biases,
-        list(lora_A),
-        list(lora_B),
-        scalings,
-        dropout_p,
-        seed,
-    )
+    fmt, tensors, ints = frozen_weight_args(weights, x.shape[-1])
+    outs, _ = torch.ops.fastpeft.lora_linear(x, fmt, tensors, ints, biases, list(lora_A), list(lora_B), scalings,
+                                             dropout_p, seed)  # fmt: skip
     return list(outs)
+
+
+def lora_linear_multi(*args, **kwargs) -> list:
+    """Deprecated name of ``lora_linear_grouped`` (several projections of one input; not to be
+    confused with ``multi_lora_linear``, several adapters in one batch)."""
+    warnings.warn("fastpeft.ops.lora_linear_multi is renamed lora_linear_grouped", DeprecationWarning, stacklevel=2)
+    return lora_linear_grouped(*args, **kwargs)
 
 
 def lora_linear(
@@ -197,7 +139,7 @@ def lora_linear(
     weight that requires grad. ``dropout_p`` applies inverted dropout to x in the LoRA branch;
     its mask is a hash of ``seed`` and the element index, regenerated in backward.
     """
-    return lora_linear_multi(x, [weight], [bias], [lora_A], [lora_B], [scaling], dropout_p, seed)[0]
+    return lora_linear_grouped(x, [weight], [bias], [lora_A], [lora_B], [scaling], dropout_p, seed)[0]
 
 
 def lora_linear_reference(
@@ -211,12 +153,6 @@ def lora_linear_reference(
     seed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Plain-PyTorch ``lora_linear`` (autograd through ordinary ops), with the same dropout mask."""
-    if isinstance(weight, Quant4bitWeight):
-        w = dequantize_4bit_reference(weight, x.dtype)
-    elif isinstance(weight, Int8Weight):
-        w = weight.dequantize_reference(x.dtype)
-    else:
-        w = weight
-    base = F.linear(x, w, bias)
+    base = F.linear(x, dense_weight_reference(weight, x.dtype), bias)
     dropped = dropout_reference(x, dropout_p, seed) if dropout_p > 0 else x
     return base + scaling * F.linear(F.linear(dropped, lora_A), lora_B)

@@ -3,8 +3,8 @@
 ``out_m = x_m W^T + b + scalings[a] * (dropout_a(x_m) lora_A[a]^T) lora_B[a]^T`` with
 ``a = adapter_index`` of row m (an example or a token); index -1 means the base layer alone.
 
-The ops are ``torch.ops.fastpeft.multi_lora_linear`` (dense W) and ``multi_lora_linear_4bit``
-(bitsandbytes NF4/FP4 W). The base GEMM runs once for the whole batch; the low-rank parts run as
+The op is ``torch.ops.fastpeft.multi_lora_linear``, over a frozen W of any format (dense,
+bitsandbytes NF4/FP4 or int8; ``fastpeft.quant.frozen_weight_args``). The base GEMM runs once for the whole batch; the low-rank parts run as
 segment GEMMs over the rows grouped by adapter (punica's SGMV), accumulated into the base output in
 place. Adapters are separate tensors of any ranks, read through a table of pointers: nothing is
 stacked or padded in memory, and adding or removing an adapter is a list edit.
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from fastpeft.ops.dropout import dropout_reference, new_seed
-from fastpeft.ops.quant4bit import dequantize_4bit_reference
-from fastpeft.quant import Quant4bitWeight
+from fastpeft.ops.frozen_weight import dense_weight_reference
+from fastpeft.quant import FrozenWeight, frozen_weight_args, frozen_weight_shapes
 
-Weight = Union[torch.Tensor, Quant4bitWeight]
+Weight = FrozenWeight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,38 +84,25 @@ def _fake_adapter_grads(lora_A, lora_B, adapter_grads):
 
 
 @torch.library.register_fake("fastpeft::multi_lora_linear")
-def _(x, weight, bias, lora_A, lora_B, scalings, dropout_p, seed, sorted_rows, offsets):
-    return _fake_forward(x, lora_A, weight.shape[0])
-
-
-@torch.library.register_fake("fastpeft::multi_lora_linear_4bit")
-def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize, nested_blocksize,
-      quant_type, bias, lora_A, lora_B, scalings, dropout_p, seed, sorted_rows, offsets):  # fmt: skip
+def _(x, weight_format, weight_tensors, weight_ints, bias, lora_A, lora_B, scalings, dropout_p, seed, sorted_rows,
+      offsets):  # fmt: skip
+    ((out_features, _),) = frozen_weight_shapes(weight_format, weight_tensors, weight_ints)
     return _fake_forward(x, lora_A, out_features)
 
 
 @torch.library.register_fake("fastpeft::multi_lora_linear_backward")
-def _(grad_out, x, shrink, weight, lora_A, lora_B, scalings, dropout_p, seed, sorted_rows, offsets, output_mask,
-      adapter_grads):  # fmt: skip
+def _(grad_out, x, shrink, weight_format, weight_tensors, weight_ints, lora_A, lora_B, scalings, dropout_p, seed,
+      sorted_rows, offsets, output_mask, adapter_grads):  # fmt: skip
+    ((out_features, in_features),) = frozen_weight_shapes(weight_format, weight_tensors, weight_ints)
     grad_A, grad_B = _fake_adapter_grads(lora_A, lora_B, adapter_grads)
     grad_x = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
-    grad_w = x.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,))
-    grad_b = x.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,))
+    grad_w = x.new_empty((out_features, in_features)) if output_mask[1] else x.new_empty((0,))
+    grad_b = x.new_empty((out_features,)) if output_mask[2] else x.new_empty((0,))
     return grad_x, grad_A, grad_B, grad_w, grad_b
 
 
-@torch.library.register_fake("fastpeft::multi_lora_linear_4bit_backward")
-def _(grad_out, x, shrink, packed, absmax, nested_absmax, nested_code, nested_offset, out_features, blocksize,
-      nested_blocksize, quant_type, lora_A, lora_B, scalings, dropout_p, seed, sorted_rows, offsets, output_mask,
-      adapter_grads):  # fmt: skip
-    grad_A, grad_B = _fake_adapter_grads(lora_A, lora_B, adapter_grads)
-    grad_x = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
-    grad_b = x.new_empty((out_features,)) if output_mask[1] else x.new_empty((0,))
-    return grad_x, grad_A, grad_B, grad_b
-
-
 # ---- autograd ------------------------------------------------------------------------------------
-# multi_lora_linear and multi_lora_linear_4bit have C++ autograd kernels (csrc/multi_lora/multi_lora_autograd.cpp):
+# multi_lora_linear has a C++ autograd kernel (csrc/multi_lora/multi_lora_autograd.cpp):
 # Python register_autograd would cost ~0.3 ms per layer and step.
 
 # ---- public functions ----------------------------------------------------------------------------
@@ -175,7 +162,8 @@ def multi_lora_linear(
 ) -> torch.Tensor:
     """A linear layer with a bank of LoRA adapters where each row of x names its adapter.
 
-    ``weight`` is a dense [out, in] tensor or a ``fastpeft.quant.Quant4bitWeight``; adapter i is
+    ``weight`` is a dense [out, in] tensor, a ``fastpeft.quant.Quant4bitWeight`` or a
+    ``fastpeft.quant.Int8Weight``; adapter i is
     ``lora_A[i]`` [r_i, in] and ``lora_B[i]`` [out, r_i] with ``scalings[i]`` (any ranks, mixed);
     every tensor in x's dtype (float32, float16, bfloat16) on x's device. ``adapter_index`` is a
     ``MultiLoRAPlan`` or an int tensor with one entry per example (shape [batch] for x
@@ -195,20 +183,10 @@ def multi_lora_linear(
             raise ValueError(f"dropout_p[{i}] must be in [0, 1), got {p}")
     seed = (new_seed() if seed is None else seed) if any(p > 0 for p in dropout) else None
     plan = as_plan(adapter_index, x, n)
-    if isinstance(weight, torch.Tensor):
-        out, _ = torch.ops.fastpeft.multi_lora_linear(
-            x, weight, bias, lora_A, lora_B, scalings, dropout, seed, plan.sorted_rows, plan.offsets
-        )
-        return out
-    if not isinstance(weight, Quant4bitWeight):
-        raise TypeError(f"weight must be a torch.Tensor or a fastpeft.quant.Quant4bitWeight, got {type(weight).__name__}")
-    if len(weight.shape) != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight has shape {tuple(weight.shape)} but x has {x.shape[-1]} features")
-    out, _ = torch.ops.fastpeft.multi_lora_linear_4bit(
-        x, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.nested_offset,
-        weight.shape[0], weight.blocksize, weight.nested_blocksize, weight.quant_type, bias, lora_A, lora_B,
-        scalings, dropout, seed, plan.sorted_rows, plan.offsets,
-    )  # fmt: skip
+    fmt, tensors, ints = frozen_weight_args([weight], x.shape[-1], name="weight")
+    out, _ = torch.ops.fastpeft.multi_lora_linear(
+        x, fmt, tensors, ints, bias, lora_A, lora_B, scalings, dropout, seed, plan.sorted_rows, plan.offsets
+    )
     return out
 
 
@@ -232,8 +210,7 @@ def multi_lora_linear_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch ``multi_lora_linear``: a Python loop over the adapters (autograd through
     ordinary ops), with the kernels' dropout mask (indexed over the rows of the whole batch)."""
-    w = dequantize_4bit_reference(weight, x.dtype) if isinstance(weight, Quant4bitWeight) else weight
-    out = F.linear(x, w, bias)
+    out = F.linear(x, dense_weight_reference(weight, x.dtype), bias)
     x2 = x.reshape(-1, x.shape[-1])
     out2 = out.reshape(-1, out.shape[-1])
     rows_adapter = row_adapter_index(torch.as_tensor(adapter_index, device=x.device), x)

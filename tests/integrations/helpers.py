@@ -109,3 +109,35 @@ def loss_and_grads(model, inputs):
     out.loss.backward()
     grads = {peft_to_fastpeft_name(n): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return out.logits.detach(), out.loss.detach(), grads
+
+
+def recorded_ops(model, inputs) -> list:
+    """Names of the operators ``model(**inputs)`` dispatches (a TorchDispatchMode sees the top-level
+    calls: a fused layer shows as its fastpeft op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        model(**inputs)
+    return names
+
+
+def assert_parity(reference, fast, inputs, scale=10.0) -> dict:
+    """Logits, loss and every gradient of ``fast`` equal ``reference``'s (fp32 tolerance x ``scale``)
+    on ``inputs``; returns fast's gradients by name."""
+    from tests.utils import assert_close
+
+    logits_p, loss_p, grads_p = loss_and_grads(reference, inputs)
+    logits_f, loss_f, grads_f = loss_and_grads(fast, inputs)
+    assert_close(logits_f, logits_p, scale=scale)
+    assert_close(loss_f, loss_p, scale=scale)
+    assert set(grads_f) == set(grads_p) and grads_f
+    for name in grads_p:
+        assert_close(grads_f[name], grads_p[name], scale=scale, msg=name)
+    return grads_f

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
 from fastpeft.nn import LoRALinear  # noqa: E402
-from tests.integrations.helpers import batch, lora_config, loss_and_grads, tiny_model, tiny_model_4bit, twins  # noqa: E402
+from tests.integrations.helpers import batch, lora_config, loss_and_grads, recorded_ops, tiny_model, tiny_model_4bit, twins  # noqa: E402
 from tests.utils import assert_close  # noqa: E402
 
 ARCHS = ["llama", "qwen2", "bert"]
@@ -237,36 +237,21 @@ def test_hf_trainer_trains_the_adapter_only(tmp_path):
     assert any(not torch.equal(p, lora_before[n]) for n, p in fast.named_parameters() if n in lora_before)
 
 
-def _recorded_ops(model, inputs):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    names = []
-
-    class Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Recorder():
-        model(**inputs)
-    return names
-
-
 def test_patch_and_unpatch_a_peft_model():
     peft_model, _ = twins(tiny_model("qwen2"), lora_config("qwen2", lora_dropout=0.0))
     inputs = batch("qwen2")
     peft_model.eval()
     expected = peft_model(**inputs).logits
-    assert not any("fastpeft" in n for n in _recorded_ops(peft_model, inputs))
+    assert not any("fastpeft" in n for n in recorded_ops(peft_model, inputs))
 
     report = fastpeft.patch(peft_model)
     n_layers = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in peft_model.modules())
     assert len(report.patched) == n_layers and not report.skipped
-    assert sum("fastpeft.lora_linear" in n for n in _recorded_ops(peft_model, inputs)) == n_layers
+    assert sum("fastpeft.lora_linear" in n for n in recorded_ops(peft_model, inputs)) == n_layers
     assert_close(peft_model(**inputs).logits, expected, scale=10)
 
     assert fastpeft.unpatch(peft_model) == n_layers
-    assert not any("fastpeft" in n for n in _recorded_ops(peft_model, inputs))
+    assert not any("fastpeft" in n for n in recorded_ops(peft_model, inputs))
     assert torch.equal(peft_model(**inputs).logits, expected)
 
 

@@ -84,7 +84,7 @@ def test_patch_nf4_layers(arch, tmp_path):
     reference = copy.deepcopy(peft_model)
     report = fastpeft.patch(peft_model)
     assert report.patched == layers and not report.skipped
-    assert fastpeft_ops(peft_model, batch(arch)).count("fastpeft.ia3_linear_4bit.default") == len(layers)
+    assert fastpeft_ops(peft_model, batch(arch)).count("fastpeft.ia3_linear.default") == len(layers)
     check_same_training_signal(peft_model, reference, arch, NF4)
 
 

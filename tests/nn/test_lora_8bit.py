@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from fastpeft.nn import LoRALinear, LoRAProjectionGroup
-from fastpeft.ops import dequantize_int8, lora_linear, lora_linear_multi, lora_linear_reference
-from fastpeft.quant import Int8Weight
-from tests.utils import assert_close, assert_error_within, devices, saved_tensor_bytes
+from fastpeft.ops import dequantize_int8, lora_linear, lora_linear_grouped, lora_linear_reference
+from fastpeft.quant import Int8Weight, frozen_weight_args
+from tests.utils import OneLayer, assert_all_close, assert_close, assert_error_within, devices, leaf, saved_tensor_bytes
 
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
@@ -48,10 +48,6 @@ def int8_weight(out_f, in_f, device="cpu"):
 def activation_quant_bound(x, w):
     """Largest error int8 row-wise quantization of x can cause in x W^T (see the module docstring)."""
     return x.float().abs().amax(-1, keepdim=True) / 254 * w.float().abs().sum(1)
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
 
 
 def run(fn, x, weight, bias, A, B, scaling, p, seed, grad_out):
@@ -81,7 +77,7 @@ def test_dequantize_is_bit_exact_with_the_reference(device, dtype):
                          ids=str)  # fmt: skip
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_lora_linear_8bit_matches_reference(device, dtype, shape, bias, dropout):
+def test_lora_linear_on_int8_matches_reference(device, dtype, shape, bias, dropout):
     lead, in_f, out_f, r = shape
     w = int8_weight(out_f, in_f, device)
     x = leaf(torch.randn(*lead, in_f, dtype=dtype, device=device))
@@ -94,10 +90,7 @@ def test_lora_linear_8bit_matches_reference(device, dtype, shape, bias, dropout)
     y_ref, grads_ref = run(lora_linear_reference, x, w, b, A, B, 0.7, dropout, seed, g)
     assert y.shape == (*lead, out_f) and y.dtype == dtype
     if dtype == torch.float32:
-        assert_close(y, y_ref, scale=10)
-        for got, ref in zip(grads, grads_ref):
-            assert_close(got, ref, scale=10)
-        return
+        return assert_all_close((y, grads), (y_ref, grads_ref))
     # Low precision: error against fp32 math on the same rounded inputs (and the same bf16-rounded
     # dequantized weight) at most 2x the plain-PyTorch low-precision path's.
     up = lambda t: None if t is None else leaf(t.detach().float())  # noqa: E731
@@ -117,7 +110,7 @@ def test_one_input_gradient_at_a_time_and_unreached_output(device):
     for which in range(3):  # x, A[0], B[1] alone
         xs, As, Bs = x.clone(), [a.clone() for a in A], [b.clone() for b in B]
         target = [xs, As[0], Bs[1]][which].requires_grad_(True)
-        outs = lora_linear_multi(xs, [w1, w2], None, As, Bs, [0.5, 2.0])
+        outs = lora_linear_grouped(xs, [w1, w2], None, As, Bs, [0.5, 2.0])
         (g,) = torch.autograd.grad(outs[0].sum() + outs[1].pow(2).sum(), target)
         ref_t = leaf(target)
         parts = [x, A[0], B[1]]
@@ -128,7 +121,7 @@ def test_one_input_gradient_at_a_time_and_unreached_output(device):
         assert_close(g, g_ref, scale=10)
     # The second output reaches no loss: its gradient counts as zero.
     xs, As = leaf(x), [leaf(a) for a in A]
-    outs = lora_linear_multi(xs, [w1, w2], None, As, B, [0.5, 2.0])
+    outs = lora_linear_grouped(xs, [w1, w2], None, As, B, [0.5, 2.0])
     gx, gA1 = torch.autograd.grad(outs[0].sum(), [xs, As[1]], allow_unused=True)
     ref_x = leaf(x)
     (gx_ref,) = torch.autograd.grad(lora_linear_reference(ref_x, w1, None, A[0], B[0], 0.5).sum(), ref_x)
@@ -142,7 +135,7 @@ def test_one_input_gradient_at_a_time_and_unreached_output(device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_opcheck_lora_linear_8bit(device, requires_grad, dropout):
+def test_opcheck_lora_linear_on_int8(device, requires_grad, dropout):
     opts = dict(device=device, requires_grad=requires_grad)
     ws = [int8_weight(16, 32, device), int8_weight(8, 32, device)]
     x = torch.randn(2, 5, 32, **opts)
@@ -152,23 +145,24 @@ def test_opcheck_lora_linear_8bit(device, requires_grad, dropout):
     seed = torch.tensor([3]) if dropout else None
     ops = torch.ops.fastpeft
     data, scales = [w.data for w in ws], [w.scale for w in ws]
-    torch.library.opcheck(ops.lora_linear_8bit, (x, data, scales, bs, As, Bs, [1.0, 0.5], dropout, seed))
-    torch.library.opcheck(ops.lora_linear_8bit, (x, data[:1], scales[:1], [None], As[:1], Bs[:1], [1.5], dropout, seed))
+    both, first = frozen_weight_args(ws), frozen_weight_args(ws[:1])
+    torch.library.opcheck(ops.lora_linear, (x, *both, bs, As, Bs, [1.0, 0.5], dropout, seed))
+    torch.library.opcheck(ops.lora_linear, (x, *first, [None], As[:1], Bs[:1], [1.5], dropout, seed))
     xd = x.detach()
-    _, shrink = ops.lora_linear_8bit(xd, data, scales, bs, [a.detach() for a in As], [b.detach() for b in Bs],
-                                     [1.0, 0.5], dropout, seed)  # fmt: skip
+    _, shrink = ops.lora_linear(xd, *both, bs, [a.detach() for a in As], [b.detach() for b in Bs],
+                                [1.0, 0.5], dropout, seed)  # fmt: skip
     g = [torch.randn(2, 5, 16, device=device), torch.randn(2, 5, 8, device=device)]
-    for mask in ([True, True, True], [False, True, False], [True, False, False]):
-        torch.library.opcheck(ops.lora_linear_8bit_backward,
-                              (g, xd, shrink, data, scales, [a.detach() for a in As], [b.detach() for b in Bs],
+    for mask in ([True, True, False, True], [False, True, False, False], [True, False, False, False]):
+        torch.library.opcheck(ops.lora_linear_backward,
+                              (g, xd, shrink, *both, [a.detach() for a in As], [b.detach() for b in Bs],
                                [1.0, 0.5], dropout, seed, mask))  # fmt: skip
     out = torch.empty(16, 32, device=device)
     torch.library.opcheck(ops.dequantize_int8_rowwise_, (data[0], scales[0], out))
 
 
-def test_no_python_autograd_is_registered_for_the_8bit_op():
+def test_no_python_autograd_is_registered_for_the_lora_op():
     # Autograd lives in C++ (csrc/lora/lora_autograd.cpp), at the Autograd key of the op itself.
-    op = torch.ops.fastpeft.lora_linear_8bit.default
+    op = torch.ops.fastpeft.lora_linear.default
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd")
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
 
@@ -193,9 +187,15 @@ def test_bad_input_errors_name_the_argument():
     for change, pattern in cases:
         args = {**base, **change}
         with pytest.raises(RuntimeError, match=pattern):
-            ops.lora_linear_8bit(x, [args["data"]], [args["scale"]], [None], [A], [args["B"]], [1.0], 0.0, None)
+            ops.lora_linear(x, "int8", [args["data"], args["scale"]], [], [None], [A], [args["B"]], [1.0], 0.0, None)
     with pytest.raises(RuntimeError, match="one scale"):
-        ops.lora_linear_8bit(x, [w.data], [], [None], [A], [B], [1.0], 0.0, None)
+        ops.lora_linear(x, "int8", [w.data], [], [None], [A], [B], [1.0], 0.0, None)
+    with pytest.raises(RuntimeError, match=r"weight_tensors\[1\] \(scales\[0\]\) is required, got None"):
+        ops.lora_linear(x, "int8", [w.data, None], [], [None], [A], [B], [1.0], 0.0, None)
+    with pytest.raises(RuntimeError, match="weight_format must be 'dense', 'nf4', 'fp4' or 'int8', got 'int4'"):
+        ops.lora_linear(x, "int4", [w.data, w.scale], [], [None], [A], [B], [1.0], 0.0, None)
+    with pytest.raises(RuntimeError, match="weight_ints holds 1 values"):
+        ops.lora_linear(x, "int8", [w.data, w.scale], [16], [None], [A], [B], [1.0], 0.0, None)
     with pytest.raises(RuntimeError, match="out must have data's shape"):
         ops.dequantize_int8_rowwise_(w.data, w.scale, torch.empty(16, 31))
     # The Python weight refuses the same mistakes before any op runs.
@@ -206,7 +206,7 @@ def test_bad_input_errors_name_the_argument():
     with pytest.raises(ValueError, match="scale must be float32"):
         Int8Weight(data=w.data, scale=w.scale.double())
     with pytest.raises(TypeError, match="all torch.Tensor"):
-        lora_linear_multi(x, [w, torch.randn(16, 32)], None, [A, A], [B, B], [1.0, 1.0])
+        lora_linear_grouped(x, [w, torch.randn(16, 32)], None, [A, A], [B, B], [1.0, 1.0])
     with pytest.raises(ValueError, match=r"weights\[0\] has shape \(16, 64\) but x has 32 features"):
         lora_linear(x, int8_weight(16, 64), None, A, B, 1.0)
 
@@ -237,14 +237,6 @@ def test_from_bnb_before_and_after_the_first_forward():
 
 
 def peft_lora_8bit(base, r, alpha, dropout=0.0):
-    class OneLayer(nn.Module):
-        def __init__(self, layer):
-            super().__init__()
-            self.proj = layer
-
-        def forward(self, x):
-            return self.proj(x)
-
     wrapper = OneLayer(copy.deepcopy(base))
     wrapper.is_loaded_in_8bit = True  # as HF models loaded in 8-bit say, so peft picks its bnb layer
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"])
@@ -272,7 +264,7 @@ def test_parity_with_peft(bias, in_f, out_f, r, threshold, mode):
     peft_layer, ours = matched_pair(base, r=r, alpha=2 * r)
     peft_layer.train(mode == "train")
     ours.train(mode == "train")
-    assert ours.is_8bit and not ours.is_4bit and "int8" in repr(ours)
+    assert ours.is_int8 and not ours.is_4bit and "int8" in repr(ours)
     x, g = torch.randn(3, 7, in_f), torch.randn(3, 7, out_f)
     x[0, 0, 0] = 9.0  # an outlier column above threshold 6
     xp, xo = leaf(x), leaf(x)

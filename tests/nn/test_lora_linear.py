@@ -8,19 +8,10 @@ import torch
 from torch import nn
 
 from fastpeft.nn import LoRALinear, LoRAProjectionGroup
-from tests.utils import assert_close, assert_error_within, devices, saved_tensor_bytes
+from tests.utils import OneLayer, assert_close, assert_error_within, devices, saved_tensor_bytes
 
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
-
-
-class OneLayer(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def peft_lora(base, r, alpha, dropout=0.0, use_rslora=False):

@@ -5,11 +5,7 @@ import pytest
 import torch
 
 from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_reference
-from tests.utils import DTYPES, assert_close, assert_error_within, devices
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
+from tests.utils import DTYPES, assert_close, assert_error_within, devices, leaf
 
 
 def make_stage(N, r, d, dtype, device, ln):

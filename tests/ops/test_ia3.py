@@ -7,8 +7,10 @@ import torch
 from fastpeft.ops import ia3_linear, ia3_linear_reference, ia3_scale, ia3_scale_reference
 from fastpeft.ops.ia3 import dequantize_4bit_scaled
 from fastpeft.ops.quant4bit import dequantize_4bit_reference
-from fastpeft.quant import Quant4bitWeight
-from tests.utils import DTYPES, TOLERANCES, assert_close, assert_error_within, devices, signed_zero_canonical
+from fastpeft.ops.frozen_weight import dense_weight_reference
+from fastpeft.quant import frozen_weight_args
+from tests.utils import (DTYPES, TOLERANCES, WEIGHT_KINDS, assert_all_close, assert_close, assert_error_within,
+                         devices, leaf, make_weight, signed_zero_canonical, weight_tensors)  # fmt: skip
 
 BF = pytest.importorskip("bitsandbytes.functional")
 
@@ -20,10 +22,6 @@ SCALE_CASES = [
     ((2, 3, 4, 8), 2),  # 4-D x: rows_per_example = 12
     ((0, 4, 16), 3),  # empty batch
 ]
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
 
 
 def random_tasks(B, T, device):
@@ -127,15 +125,6 @@ def test_reduction_over_a_long_single_example_on_gpu():
 # ---- the linear op ---------------------------------------------------------------------------------
 
 
-def make_weight(kind, out_f, in_f, dtype, device):
-    dense = torch.randn(out_f, in_f) / in_f**0.5
-    if kind == "dense":
-        return dense.to(dtype=dtype, device=device)
-    quant_type = kind.split("-")[0]
-    packed, state = BF.quantize_4bit(dense, blocksize=64, quant_type=quant_type, compress_statistics=kind.endswith("nested"))
-    return Quant4bitWeight.from_bnb(packed, state).to(device)
-
-
 LINEAR_SHAPES = [
     ((5, 3), 123, 97),  # odd features
     ((0, 4), 32, 48),  # empty batch
@@ -145,7 +134,7 @@ LINEAR_SHAPES = [
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=str)
-@pytest.mark.parametrize("kind", ["dense", "nf4-nested", "fp4"])
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested", "fp4", "int8"])
 @pytest.mark.parametrize("is_feedforward", [False, True])
 @pytest.mark.parametrize("T", [1, 6])
 def test_ia3_linear_matches_reference(device, dtype, shape, kind, is_feedforward, T):
@@ -165,13 +154,10 @@ def test_ia3_linear_matches_reference(device, dtype, shape, kind, is_feedforward
     y_ref, grads_ref = run(ia3_linear_reference, x, vectors)
     assert y.shape == (*lead, out_f) and y.dtype == dtype
     if dtype == torch.float32:
-        assert_close(y, y_ref, scale=10)
-        for got, ref in zip(grads, grads_ref):
-            assert_close(got, ref, scale=10)
-        return
+        return assert_all_close((y, grads), (y_ref, grads_ref))
     # The exact target: a 4-bit weight's true values are float32 (code * absmax); the folded path
     # rounds W * l once, the reference path rounds W, so both are judged against the float32 weight.
-    dense_w = dequantize_4bit_reference(weight, torch.float32) if isinstance(weight, Quant4bitWeight) else weight
+    dense_w = dense_weight_reference(weight, torch.float32)
     x32, v32 = leaf(x.float()), leaf(vectors.float())
     y32 = ia3_linear_reference(x32, dense_w.float(), bias.float(), v32, task_ids, is_feedforward)
     grads32 = torch.autograd.grad(y32, (x32, v32), g.float())
@@ -184,7 +170,7 @@ def test_ia3_linear_matches_reference(device, dtype, shape, kind, is_feedforward
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("kind", ["dense", "nf4-nested"])
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested", "int8"])
 @pytest.mark.parametrize("is_feedforward", [False, True])
 def test_ia3_linear_mixed_tasks_equal_each_example_alone(device, kind, is_feedforward):
     B, S, in_f, out_f, T = 5, 4, 64, 48, 3
@@ -255,14 +241,13 @@ def saved_storages(fn):
     return seen, out
 
 
-@pytest.mark.parametrize("kind", ["dense", "nf4-nested"])
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested", "int8"])
 @pytest.mark.parametrize("T", [1, 4])
 def test_saved_for_backward(kind, T):
     B, S, in_f, out_f = 4, 8, 64, 32
     x = torch.randn(B, S, in_f, requires_grad=True)
     weight = make_weight(kind, out_f, in_f, torch.float32, "cpu")
-    frozen = [weight] if isinstance(weight, torch.Tensor) else [weight.packed, weight.absmax, weight.nested_absmax,
-                                                               weight.nested_code, weight.nested_offset]  # fmt: skip
+    frozen = weight_tensors(weight)
     task_ids = torch.tensor([0, 3, 1, 3]) % T if T > 1 else None
     for is_ff in (False, True):
         vectors = vector_bank(T, in_f if is_ff else out_f, torch.float32, "cpu").requires_grad_(True)
@@ -312,18 +297,15 @@ def test_opcheck_linear_ops(device, requires_grad, is_feedforward):
     d = 64 if is_feedforward else 32
     for T, ids in ((1, None), (3, torch.tensor([2, 0, 2], device=device))):
         v = vector_bank(T, d, torch.float32, device).requires_grad_(requires_grad)
-        torch.library.opcheck(ops.ia3_linear, (x, W, b, v, ids, is_feedforward))
-        qw = make_weight("nf4-nested", 32, 64, torch.float32, device)
-        args = (x, qw.packed, qw.absmax, qw.nested_absmax, qw.nested_code, qw.nested_offset, 32, 64, 256, "nf4", b, v,
-                ids, is_feedforward)  # fmt: skip
-        torch.library.opcheck(ops.ia3_linear_4bit, args)
-        y = ops.ia3_linear(x.detach(), W, b, v.detach(), ids, is_feedforward)
-        saved = x.detach() if is_feedforward else y
-        g = torch.randn_like(y)
-        torch.library.opcheck(ops.ia3_linear_backward, (g, saved, W, v.detach(), ids, is_feedforward, [True, True]))
-        qargs = (g, saved, qw.packed, qw.absmax, qw.nested_absmax, qw.nested_code, qw.nested_offset, 32, 64, 64, 256,
-                 "nf4", v.detach(), ids, is_feedforward, [True, False])  # fmt: skip
-        torch.library.opcheck(ops.ia3_linear_4bit_backward, qargs)
+        for kind in WEIGHT_KINDS:
+            weight = frozen_weight_args([W if kind == "dense" else make_weight(kind, 32, 64, torch.float32, device)])
+            torch.library.opcheck(ops.ia3_linear, (x, *weight, b, v, ids, is_feedforward))
+            y = ops.ia3_linear(x.detach(), *weight, b, v.detach(), ids, is_feedforward)
+            saved = x.detach() if is_feedforward else y
+            g = torch.randn_like(y)
+            for mask in ([True, True], [True, False]):
+                torch.library.opcheck(ops.ia3_linear_backward, (g, saved, *weight, v.detach(), ids, is_feedforward, mask))
+    qw = make_weight("nf4-nested", 32, 64, torch.float32, device)
     out = torch.empty(32, 64, device=device)
     torch.library.opcheck(
         ops.dequantize_4bit_scaled_,
@@ -380,7 +362,7 @@ def test_direct_op_call_refuses_a_trainable_base_weight():
     x = torch.randn(2, 3, 8, requires_grad=True)
     weight = torch.randn(5, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="base weight is frozen"):
-        torch.ops.fastpeft.ia3_linear(x, weight, None, torch.ones(1, 5), None, False)
+        torch.ops.fastpeft.ia3_linear(x, "dense", [weight], [], None, torch.ones(1, 5), None, False)
 
 
 @pytest.mark.parametrize("is_feedforward", [False, True])

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from fastpeft.ops import dropout_reference, lora_linear, lora_linear_multi, lora_linear_reference
+from fastpeft.ops import dropout_reference, lora_linear, lora_linear_grouped, lora_linear_reference
 from fastpeft.ops.dropout import dropout_factor_reference
 from fastpeft.ops.quant4bit import dequantize_4bit_reference
-from fastpeft.quant import Quant4bitWeight
-from tests.utils import DTYPES, assert_close, assert_error_within, devices
+from fastpeft.quant import Quant4bitWeight, frozen_weight_args
+from tests.utils import DTYPES, assert_all_close, assert_close, assert_error_within, devices, leaf, make_weight
 
 BF = pytest.importorskip("bitsandbytes.functional")
 
@@ -20,15 +20,6 @@ SHAPES = [
 ]
 
 
-def make_weight(kind, out_f, in_f, dtype, device):
-    dense = torch.randn(out_f, in_f) / in_f**0.5
-    if kind == "dense":
-        return dense.to(dtype=dtype, device=device)
-    quant_type = kind.split("-")[0]
-    packed, state = BF.quantize_4bit(dense, blocksize=64, quant_type=quant_type, compress_statistics=kind.endswith("nested"))
-    return Quant4bitWeight.from_bnb(packed, state).to(device)
-
-
 def run(fn, x, weight, bias, A, B, scaling, p, seed, grad_out):
     """Output and gradients (x, A, B, bias, dense weight) of one forward/backward."""
     leaves = [x, A, B] + ([bias] if bias is not None else [])
@@ -36,10 +27,6 @@ def run(fn, x, weight, bias, A, B, scaling, p, seed, grad_out):
         leaves.append(weight)
     y = fn(x, weight, bias, A, B, scaling, p, seed)
     return y, torch.autograd.grad(y, leaves, grad_out)
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -62,10 +49,7 @@ def test_lora_linear_matches_reference(device, dtype, shape, kind, bias, dropout
     y_ref, grads_ref = run(lora_linear_reference, x, weight, b, A, B, 0.7, dropout, seed, g)
     assert y.shape == (*lead, out_f) and y.dtype == dtype
     if dtype == torch.float32:
-        assert_close(y, y_ref, scale=10)
-        for got, ref in zip(grads, grads_ref):
-            assert_close(got, ref, scale=10)
-        return
+        return assert_all_close((y, grads), (y_ref, grads_ref))
     # Low precision: error against an fp32 computation on the same (rounded) inputs may be at most
     # 2x the error of the plain-PyTorch low-precision path.
     dense_w = dequantize_4bit_reference(weight, dtype) if isinstance(weight, Quant4bitWeight) else weight
@@ -131,7 +115,7 @@ def test_multi_projection_equals_separate_calls(device, kind, dropout):
     Bs = [leaf(torch.randn(o, r, device=device)) for o, r in zip(outs, ranks)]
     scalings = [0.5, 1.0, 2.0]
     seed = torch.tensor([77])
-    ys = lora_linear_multi(x, Ws, bs, As, Bs, scalings, dropout, seed)
+    ys = lora_linear_grouped(x, Ws, bs, As, Bs, scalings, dropout, seed)
     gs = [torch.randn_like(y) for y in ys]
     leaves = [x, *bs, *As, *Bs]
     grads = torch.autograd.grad(ys, leaves, gs)
@@ -150,7 +134,7 @@ def test_multi_projection_mixed_biases_keep_gradients():
     b0 = leaf(torch.randn(8))
     As = [leaf(torch.randn(2, 16)) for _ in range(2)]
     Bs = [leaf(torch.randn(8, 2)) for _ in range(2)]
-    y0, y1 = lora_linear_multi(x, Ws, [b0, None], As, Bs, [1.0, 1.0])
+    y0, y1 = lora_linear_grouped(x, Ws, [b0, None], As, Bs, [1.0, 1.0])
     (y0.sum() + y1.sum()).backward()
     assert torch.equal(b0.grad, torch.full((8,), 4.0))
     assert_close(y1, lora_linear_reference(x, Ws[1], None, As[1], Bs[1], 1.0))
@@ -231,32 +215,35 @@ def test_opcheck_lora_linear(device, requires_grad, dropout):
     Bs = [torch.randn(16, 4, **opts), torch.randn(8, 2, **opts)]
     bs = [torch.randn(16, **opts), torch.randn(8, **opts)]
     seed = torch.tensor([1]) if dropout else None
-    torch.library.opcheck(torch.ops.fastpeft.lora_linear, (x, Ws, bs, As, Bs, [1.0, 0.5], dropout, seed))
-    torch.library.opcheck(torch.ops.fastpeft.lora_linear, (x, Ws[:1], [None], As[:1], Bs[:1], [1.0], dropout, seed))
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear, (x, "dense", Ws, [], bs, As, Bs, [1.0, 0.5], dropout, seed))
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear, (x, "dense", Ws[:1], [], [None], As[:1], Bs[:1], [1.0], dropout, seed))
 
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_lora_linear_4bit(device, requires_grad):
+def test_opcheck_lora_linear_on_a_4bit_weight(device, requires_grad):
     opts = dict(device=device, requires_grad=requires_grad)
     qw = make_weight("nf4-nested", 16, 64, torch.float32, device)
     x = torch.randn(3, 64, **opts)
     A, B, b = torch.randn(4, 64, **opts), torch.randn(16, 4, **opts), torch.randn(16, **opts)
-    args = (x, [qw.packed], [qw.absmax], [qw.nested_absmax], [qw.nested_code], [qw.nested_offset], [16], [64],
-            [256], "nf4", [b], [A], [B], [1.5], 0.2, torch.tensor([4]))  # fmt: skip
-    torch.library.opcheck(torch.ops.fastpeft.lora_linear_4bit, args)
+    args = (x, *frozen_weight_args([qw]), [b], [A], [B], [1.5], 0.2, torch.tensor([4]))
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear, args)
 
 
 @pytest.mark.parametrize("device", devices())
 def test_opcheck_backward_and_dropout_ops(device):
     x, A, B = torch.randn(6, 32, device=device), torch.randn(4, 32, device=device), torch.randn(16, 4, device=device)
     W = torch.randn(16, 32, device=device)
-    outs, shrink = torch.ops.fastpeft.lora_linear(x, [W], [None], [A], [B], [1.0], 0.1, torch.tensor([1]))
+    outs, shrink = torch.ops.fastpeft.lora_linear(x, "dense", [W], [], [None], [A], [B], [1.0], 0.1, torch.tensor([1]))
     g = torch.randn_like(outs[0])
     ops = torch.ops.fastpeft
     seed = torch.tensor([1])
-    torch.library.opcheck(ops.lora_linear_backward, ([g], x, shrink, [W], [A], [B], [1.0], 0.1, seed, [True, True, True, True]))
-    torch.library.opcheck(ops.lora_linear_backward, ([g], x, shrink, [W], [A], [B], [1.0], 0.1, seed, [False, True, False, False]))
+    dense = ("dense", [W], [])
+    torch.library.opcheck(ops.lora_linear_backward, ([g], x, shrink, *dense, [A], [B], [1.0], 0.1, seed, [True, True, True, True]))
+    torch.library.opcheck(ops.lora_linear_backward, ([g], x, shrink, *dense, [A], [B], [1.0], 0.1, seed, [False, True, False, False]))
+    qw = make_weight("nf4-nested", 16, 32, torch.float32, device)
+    torch.library.opcheck(ops.lora_linear_backward,
+                          ([g], x, shrink, *frozen_weight_args([qw]), [A], [B], [1.0], 0.1, seed, [True, True, False, True]))  # fmt: skip
     torch.library.opcheck(ops.lora_shrink_dropout, (x, A, 0.5, seed))
     torch.library.opcheck(ops.lora_grad_A_dropout, (shrink, x, 0.5, seed))
     torch.library.opcheck(ops.lora_grad_x_dropout_accum_, (x.clone(), shrink, A, 0.5, seed))
@@ -286,15 +273,15 @@ def test_bad_input_errors_name_the_argument():
             lora_linear(**{**base, **change})
     ops = torch.ops.fastpeft
     with pytest.raises(RuntimeError, match="dropout_p > 0 needs a seed"):
-        ops.lora_linear(x, [W], [None], [A], [B], [1.0], 0.5, None)
+        ops.lora_linear(x, "dense", [W], [], [None], [A], [B], [1.0], 0.5, None)
     with pytest.raises(RuntimeError, match="seed must be an int64 tensor with one element"):
         ops.lora_shrink_dropout(x, A, 0.5, torch.tensor([1.0]))
     with pytest.raises(RuntimeError, match="one entry per projection"):
-        ops.lora_linear(x, [W, W], [None, None], [A], [B], [1.0], 0.0, None)
+        ops.lora_linear(x, "dense", [W, W], [], [None, None], [A], [B], [1.0], 0.0, None)
     with pytest.raises(RuntimeError, match="biases must have one entry"):
-        ops.lora_linear(x, [W], [None, None], [A], [B], [1.0], 0.0, None)
+        ops.lora_linear(x, "dense", [W], [], [None, None], [A], [B], [1.0], 0.0, None)
     with pytest.raises(TypeError, match="all torch.Tensor"):
-        lora_linear_multi(x, [W, make_weight("nf4", 16, 32, torch.float32, "cpu")], None, [A, A], [B, B], [1.0, 1.0])
+        lora_linear_grouped(x, [W, make_weight("nf4", 16, 32, torch.float32, "cpu")], None, [A, A], [B, B], [1.0, 1.0])
     qw = make_weight("nf4", 16, 64, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"weights\[0\] has shape \(16, 64\) but x has 32 features"):
         lora_linear(x, qw, None, A, B, 1.0)

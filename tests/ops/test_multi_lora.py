@@ -9,9 +9,10 @@ from fastpeft.ops import (
     multi_lora_linear_reference,
     plan_multi_lora,
 )
-from fastpeft.ops.quant4bit import dequantize_4bit_reference
-from fastpeft.quant import Quant4bitWeight
-from tests.utils import DTYPES, assert_close, assert_error_within, devices, saved_tensor_bytes
+from fastpeft.ops.frozen_weight import dense_weight_reference
+from fastpeft.quant import frozen_weight_args
+from tests.utils import (DTYPES, assert_all_close, assert_close, assert_error_within, devices, leaf, make_weight,
+                         saved_tensor_bytes)  # fmt: skip
 
 BF = pytest.importorskip("bitsandbytes.functional")
 
@@ -23,18 +24,6 @@ CASES = [
     ((7,), 40, 24, [3, 5], "base"),  # every row on no adapter (-1)
     ((0,), 32, 48, [4, 8], "token"),  # empty batch
 ]
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
-
-
-def make_weight(kind, out_f, in_f, dtype, device):
-    dense = torch.randn(out_f, in_f) / in_f**0.5
-    if kind == "dense":
-        return dense.to(dtype=dtype, device=device)
-    packed, state = BF.quantize_4bit(dense, blocksize=64, quant_type="nf4", compress_statistics=True)
-    return Quant4bitWeight.from_bnb(packed, state).to(device)
 
 
 def make_bank(ranks, in_f, out_f, dtype, device):
@@ -63,7 +52,7 @@ def run(fn, x, weight, bias, As, Bs, scalings, index, p=0.0, seed=None, grad=Non
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested", "int8"])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_matches_reference(device, dtype, case, kind, dropout):
     lead, in_f, out_f, ranks, mode = case
@@ -81,11 +70,8 @@ def test_matches_reference(device, dtype, case, kind, dropout):
     y_ref, grads_ref = run(multi_lora_linear_reference, x, weight, bias, As, Bs, scalings, index, p, seed, g)
     assert y.shape == (*lead, out_f) and y.dtype == dtype
     if dtype == torch.float32:
-        assert_close(y, y_ref, scale=10)
-        for got, ref in zip(grads, grads_ref):
-            assert_close(got, ref, scale=10)
-        return
-    dense_w = dequantize_4bit_reference(weight, dtype) if kind != "dense" else weight
+        return assert_all_close((y, grads), (y_ref, grads_ref))
+    dense_w = dense_weight_reference(weight, dtype)
     up = lambda ts: [leaf(t.detach().float()) for t in ts]  # noqa: E731
     x32, (b32,), As32, Bs32 = up([x])[0], up([bias]), up(As), up(Bs)
     y32, grads32 = run(multi_lora_linear_reference, x32, dense_w.float(), b32, As32, Bs32, scalings, index, p, seed,
@@ -96,9 +82,9 @@ def test_matches_reference(device, dtype, case, kind, dropout):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested", "int8"])
 def test_mixed_batch_equals_each_example_alone(device, kind):
-    # The issue's test: a batch where every example names its adapter gives the outputs and the
+    # A batch where every example names its adapter gives the outputs and the
     # gradients of running each example alone with its adapter (gradients summed over examples).
     batch, seq, in_f, out_f, ranks = 9, 5, 96, 80, [1, 3, 64, 256, 17]
     x = leaf(torch.randn(batch, seq, in_f, device=device))
@@ -209,7 +195,7 @@ def test_frozen_adapters_get_no_gradient_and_unused_ones_get_zeros():
     assert_close(Bs[0].grad, Bs_ref[0].grad, scale=10)
 
 
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested", "int8"])
 def test_empty_bank(kind):
     x = leaf(torch.randn(5, 64))
     weight = make_weight(kind, 32, 64, torch.float32, "cpu")
@@ -234,7 +220,7 @@ def test_dense_weight_gradient_when_trainable():
 # ---- memory ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested", "int8"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_saved_for_backward_is_x_shrink_and_plan(kind, dropout):
     M, in_f, out_f, ranks = 200, 128, 96, [4, 16, 8]
@@ -275,24 +261,24 @@ def test_opcheck_multi_lora_linear(device, requires_grad, dropout):
     b = torch.randn(16, **opts)
     plan = plan_multi_lora(torch.tensor([2, 0], device=device), 10, 3)
     seed = torch.tensor([1]) if dropout else None
-    args = (x, W, b, As, Bs, [1.0, 0.5, 2.0], [dropout, 0.0, dropout], seed, plan.sorted_rows, plan.offsets)
+    args = (x, "dense", [W], [], b, As, Bs, [1.0, 0.5, 2.0], [dropout, 0.0, dropout], seed, plan.sorted_rows, plan.offsets)
     torch.library.opcheck(torch.ops.fastpeft.multi_lora_linear, args)
     torch.library.opcheck(torch.ops.fastpeft.multi_lora_plan, (torch.tensor([2, -1, 0], device=device), 6, 3))
 
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_multi_lora_linear_4bit(device, requires_grad):
+@pytest.mark.parametrize("kind", ["nf4-nested", "int8"])
+def test_opcheck_multi_lora_linear_quantized(device, requires_grad, kind):
     opts = dict(device=device, requires_grad=requires_grad)
-    qw = make_weight("nf4", 16, 64, torch.float32, device)
+    qw = make_weight(kind, 16, 64, torch.float32, device)
     x = torch.randn(6, 64, **opts)
     As = [torch.randn(4, 64, **opts), torch.randn(2, 64, **opts)]
     Bs = [torch.randn(16, 4, **opts), torch.randn(16, 2, **opts)]
     plan = plan_multi_lora(torch.tensor([1, 0, -1, 1, 1, 0], device=device), 6, 2)
-    args = (x, qw.packed, qw.absmax, qw.nested_absmax, qw.nested_code, qw.nested_offset, 16, 64, 256, "nf4",
-            torch.randn(16, **opts), As, Bs, [1.5, 1.0], [0.2, 0.0], torch.tensor([4]), plan.sorted_rows,
-            plan.offsets)  # fmt: skip
-    torch.library.opcheck(torch.ops.fastpeft.multi_lora_linear_4bit, args)
+    args = (x, *frozen_weight_args([qw]), torch.randn(16, **opts), As, Bs, [1.5, 1.0], [0.2, 0.0], torch.tensor([4]),
+            plan.sorted_rows, plan.offsets)  # fmt: skip
+    torch.library.opcheck(torch.ops.fastpeft.multi_lora_linear, args)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -303,13 +289,16 @@ def test_opcheck_backward(device):
     Bs = [torch.randn(16, 4, device=device), torch.randn(16, 2, device=device)]
     plan = plan_multi_lora(torch.tensor([1, 0, -1, 1, 1, 0], device=device), 6, 2)
     seed = torch.tensor([1])
-    fwd = (x, W, None, As, Bs, [1.0, 2.0], [0.1, 0.0], seed, plan.sorted_rows, plan.offsets)
+    fwd = (x, "dense", [W], [], None, As, Bs, [1.0, 2.0], [0.1, 0.0], seed, plan.sorted_rows, plan.offsets)
     out, shrink = torch.ops.fastpeft.multi_lora_linear(*fwd)
     g = torch.randn_like(out)
     rest = (As, Bs, [1.0, 2.0], [0.1, 0.0], seed, plan.sorted_rows, plan.offsets)
     ops = torch.ops.fastpeft
-    torch.library.opcheck(ops.multi_lora_linear_backward, (g, x, shrink, W, *rest, [True, True, True], [True, True]))
-    torch.library.opcheck(ops.multi_lora_linear_backward, (g, x, shrink, W, *rest, [False, False, False], [False, True]))
+    dense = ("dense", [W], [])
+    torch.library.opcheck(ops.multi_lora_linear_backward, (g, x, shrink, *dense, *rest, [True, True, True], [True, True]))
+    torch.library.opcheck(ops.multi_lora_linear_backward, (g, x, shrink, *dense, *rest, [False, False, False], [False, True]))
+    int8 = frozen_weight_args([make_weight("int8", 16, 32, torch.float32, device)])
+    torch.library.opcheck(ops.multi_lora_linear_backward, (g, x, shrink, *int8, *rest, [True, False, True], [True, False]))
 
 
 # ---- bad input -------------------------------------------------------------------------------------
@@ -344,9 +333,9 @@ def test_bad_input_errors_name_the_argument():
         multi_lora_linear(torch.randn(5, 32), W, None, As, Bs, [1.0, 1.0], plan)
     ops = torch.ops.fastpeft
     with pytest.raises(RuntimeError, match=r"offsets must be \[2, 2\] for 1 adapters"):
-        ops.multi_lora_linear(x, W, None, As[:1], Bs[:1], [1.0], [0.0], None, plan.sorted_rows, plan.offsets)
+        ops.multi_lora_linear(x, "dense", [W], [], None, As[:1], Bs[:1], [1.0], [0.0], None, plan.sorted_rows, plan.offsets)
     with pytest.raises(RuntimeError, match="dropout_p > 0 needs a seed"):
-        ops.multi_lora_linear(x, W, None, As, Bs, [1.0, 1.0], [0.5, 0.0], None, plan.sorted_rows, plan.offsets)
+        ops.multi_lora_linear(x, "dense", [W], [], None, As, Bs, [1.0, 1.0], [0.5, 0.0], None, plan.sorted_rows, plan.offsets)
     with pytest.raises(RuntimeError, match="adapter_index has 3 entries, which must divide the 4 rows"):
         ops.multi_lora_plan(torch.tensor([0, 1, 0]), 4, 2)
 
@@ -391,7 +380,7 @@ def test_cuda_segment_kernels_at_scale(dtype, rows, n_adapters):
 # ---- C++ autograd (csrc/multi_lora/multi_lora_autograd.cpp) ----------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested", "int8"])
 def test_gradient_of_each_input_alone(kind):
     """needs_input_grad is honoured per input: each gradient, asked for alone, equals the
     reference's, and no other input gets one."""
@@ -426,7 +415,7 @@ def test_gradient_of_each_input_alone(kind):
         assert all(v.grad is None for k, v in t.items() if k != name), name
 
 
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested", "int8"])
 def test_shrink_output_gets_no_gradient(kind):
     """The op's second output (the shrink saved for backward) is not differentiable: a loss that
     also reads it gives the same gradients as one that reads only the layer output."""
@@ -434,14 +423,8 @@ def test_shrink_output_gets_no_gradient(kind):
     weight = make_weight(kind, 16, 32, torch.float32, "cpu")
     As, Bs = make_bank([4, 2], 32, 16, torch.float32, "cpu")
     plan = plan_multi_lora(torch.tensor([1, 0, -1, 1, 1, 0]), 6, 2)
-    if kind == "dense":
-        out, shrink = torch.ops.fastpeft.multi_lora_linear(x, weight, None, As, Bs, [1.0, 2.0], [0.0, 0.0], None,
-                                                           plan.sorted_rows, plan.offsets)  # fmt: skip
-    else:
-        w = weight
-        out, shrink = torch.ops.fastpeft.multi_lora_linear_4bit(
-            x, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.nested_offset, 16, w.blocksize, w.nested_blocksize,
-            w.quant_type, None, As, Bs, [1.0, 2.0], [0.0, 0.0], None, plan.sorted_rows, plan.offsets)  # fmt: skip
+    out, shrink = torch.ops.fastpeft.multi_lora_linear(x, *frozen_weight_args([weight]), None, As, Bs, [1.0, 2.0],
+                                                       [0.0, 0.0], None, plan.sorted_rows, plan.offsets)  # fmt: skip
     assert out.requires_grad and not shrink.requires_grad
     g = torch.randn_like(out)
     leaves = [x, *As, *Bs]
@@ -454,7 +437,7 @@ def test_shrink_output_gets_no_gradient(kind):
 def test_autograd_is_the_cpp_kernel():
     """No Python register_autograd remains for the multi-LoRA ops: the graph node is the C++
     function, and the ops have no Python autograd registered."""
-    for name in ("multi_lora_linear", "multi_lora_linear_4bit"):
+    for name in ("multi_lora_linear",):
         dump = torch._C._dispatch_dump(f"fastpeft::{name}").splitlines()
         [line] = [entry for entry in dump if entry.startswith("Autograd[")]
         assert "multi_lora_autograd.cpp" in line and "library.py" not in line, line

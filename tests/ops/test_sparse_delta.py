@@ -7,8 +7,9 @@ import torch
 
 from fastpeft.ops import sparse_delta_linear, sparse_delta_linear_reference
 from fastpeft.ops.sparse_delta import merged_weight, merged_weight_reference
-from fastpeft.quant import Quant4bitWeight
-from tests.utils import DTYPES, assert_close, assert_error_within, devices, signed_zero_canonical
+from fastpeft.quant import frozen_weight_args
+from tests.utils import (DTYPES, WEIGHT_KINDS, assert_all_close, assert_close, assert_error_within, devices, leaf,
+                         make_weight, signed_zero_canonical, weight_tensors)  # fmt: skip
 
 BF = pytest.importorskip("bitsandbytes.functional")
 
@@ -22,20 +23,7 @@ def random_indices(numel, k, dtype=torch.int32, device="cpu", seed=0, ends=True)
     return idx.sort().values.to(dtype=dtype, device=device)
 
 
-def make_weight(kind, out_f, in_f, dtype, device):
-    dense = torch.randn(out_f, in_f) / in_f**0.5
-    if kind == "dense":
-        return dense.to(dtype=dtype, device=device)
-    quant_type = kind.split("-")[0]
-    packed, state = BF.quantize_4bit(dense.to(dtype), blocksize=64, quant_type=quant_type, compress_statistics=kind.endswith("nested"))
-    return Quant4bitWeight.from_bnb(packed, state).to(device)
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
-
-
-KINDS = ["dense", "nf4", "fp4-nested"]
+KINDS = WEIGHT_KINDS
 
 
 @pytest.mark.parametrize("device", devices())
@@ -44,7 +32,7 @@ KINDS = ["dense", "nf4", "fp4-nested"]
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("shape,k", [((37, 29), 50), ((64, 128), 1), ((16, 8), 0), ((3, 5), 15)], ids=str)
 def test_merged_weight_is_bit_exact(device, dtype, kind, index_dtype, shape, k):
-    w = make_weight(kind, *shape, dtype, device)
+    w = make_weight(kind, *shape, dtype, device, quantize_dtype=dtype)
     idx = random_indices(shape[0] * shape[1], k, index_dtype, device)
     values = torch.randn(idx.numel(), device=device) * 0.1
     got = merged_weight(w, idx, values, dtype)
@@ -87,7 +75,7 @@ def run(fn, x, w, b, idx, values, grad_out):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("lead,out_f,in_f,k", [((5,), 96, 123, 300), ((2, 3), 64, 64, 1), ((0,), 32, 48, 10)], ids=str)
 def test_linear_matches_reference(device, dtype, kind, bias, lead, out_f, in_f, k):
-    w = make_weight(kind, out_f, in_f, dtype, device)
+    w = make_weight(kind, out_f, in_f, dtype, device, quantize_dtype=dtype)
     idx = random_indices(out_f * in_f, k, torch.int32, device)
     values = leaf(torch.randn(idx.numel(), device=device) * 0.05)  # float32 values, any compute dtype
     x = leaf(torch.randn(*lead, in_f, dtype=dtype, device=device))
@@ -98,10 +86,7 @@ def test_linear_matches_reference(device, dtype, kind, bias, lead, out_f, in_f, 
     assert y.shape == (*lead, out_f) and y.dtype == dtype
     assert grads[-1].dtype == torch.float32
     if dtype == torch.float32:
-        assert_close(y, y_ref, scale=10)
-        for got, ref in zip(grads, grads_ref):
-            assert_close(got, ref, scale=10)
-        return
+        return assert_all_close((y, grads), (y_ref, grads_ref))
     # Low precision: error against float32 math on the same merged weight at most 2x the error of
     # the plain-PyTorch low-precision path.
     w32 = merged_weight_reference(w, idx, values.detach(), dtype).float()
@@ -153,7 +138,7 @@ def test_saves_only_x_indices_and_values(kind):
     idx = random_indices(out_f * in_f, 100, torch.int32)
     values = leaf(torch.zeros(idx.numel()))
     x = leaf(torch.randn(M, in_f))
-    frozen = [w] if isinstance(w, torch.Tensor) else [t for t in (w.packed, w.absmax, w.nested_absmax, w.nested_code, w.nested_offset) if t is not None]
+    frozen = weight_tensors(w)
     frozen_ptrs = {t.untyped_storage().data_ptr() for t in frozen}
     saved = []
 
@@ -179,11 +164,10 @@ def test_opcheck(device, requires_grad):
     b = torch.randn(16, device=device, requires_grad=requires_grad)
     idx = random_indices(16 * 32, 40, torch.int32, device)
     values = torch.randn(idx.numel(), device=device, requires_grad=requires_grad)
-    torch.library.opcheck(ops.sparse_delta_linear, (x, w, b, idx, values))
-    torch.library.opcheck(ops.sparse_delta_linear, (x, w, None, idx, values))
-    qw = make_weight("nf4-nested", 16, 32, torch.float32, device)
-    args = (x, qw.packed, qw.absmax, qw.nested_absmax, qw.nested_code, qw.nested_offset, 16, 64, 256, "nf4", b, idx, values)
-    torch.library.opcheck(ops.sparse_delta_linear_4bit, args)
+    for kind in WEIGHT_KINDS:
+        weight = frozen_weight_args([w if kind == "dense" else make_weight(kind, 16, 32, torch.float32, device)])
+        torch.library.opcheck(ops.sparse_delta_linear, (x, *weight, b, idx, values))
+        torch.library.opcheck(ops.sparse_delta_linear, (x, *weight, None, idx, values))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -195,12 +179,14 @@ def test_opcheck_building_blocks(device):
     w = torch.randn(16, 32, device=device)
     torch.library.opcheck(ops.sparse_delta_add_, (w.clone(), idx, values))
     torch.library.opcheck(ops.sparse_delta_weight_grad, (g, x, idx))
-    torch.library.opcheck(ops.sparse_delta_linear_backward, (g, x, w, idx, values, [True, True, True]))
-    torch.library.opcheck(ops.sparse_delta_linear_backward, (g, x, w, idx, values, [False, True, False]))
+    torch.library.opcheck(ops.sparse_delta_linear_backward, (g, x, "dense", [w], [], idx, values, [True, True, True]))
+    torch.library.opcheck(ops.sparse_delta_linear_backward, (g, x, "dense", [w], [], idx, values, [False, True, False]))
     qw = make_weight("fp4", 16, 32, torch.float32, device)
     quant = (qw.packed, qw.absmax, None, None, None, 64, 256, "fp4")
     torch.library.opcheck(ops.dequantize_4bit_add_delta_, (*quant, idx, values, torch.empty(16, 32, device=device)))
-    torch.library.opcheck(ops.sparse_delta_linear_4bit_backward, (g, x, *quant[:5], 16, 64, 256, "fp4", idx, values, [True, True, False]))
+    for kind in ("fp4", "int8"):
+        weight = frozen_weight_args([make_weight(kind, 16, 32, torch.float32, device)])
+        torch.library.opcheck(ops.sparse_delta_linear_backward, (g, x, *weight, idx, values, [True, True, False]))
 
 
 def test_bad_input_errors_name_the_argument():
@@ -266,11 +252,11 @@ def test_direct_op_call_with_a_trainable_weight_gives_it_no_gradient():
     """As with the Python autograd before: called directly, the op does not train the dense weight."""
     x, w = torch.randn(4, 32, requires_grad=True), torch.randn(16, 32, requires_grad=True)
     idx, values = random_indices(16 * 32, 20), torch.randn(20, requires_grad=True)
-    torch.ops.fastpeft.sparse_delta_linear(x, w, None, idx, values).sum().backward()
+    torch.ops.fastpeft.sparse_delta_linear(x, "dense", [w], [], None, idx, values).sum().backward()
     assert w.grad is None and x.grad is not None and values.grad is not None
 
 
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("kind", ["dense", "nf4", "int8"])
 def test_autograd_is_the_cpp_kernel(kind):
     """No Python autograd remains on the ops: the graph node is the C++ Function, and the Autograd
     dispatch key holds a kernel registered from C++ (a Python register_autograd would replace it)."""
@@ -278,7 +264,7 @@ def test_autograd_is_the_cpp_kernel(kind):
     idx, values = random_indices(16 * 32, 20), torch.randn(20, requires_grad=True)
     y = sparse_delta_linear(torch.randn(4, 32), w, None, idx, values)
     assert "SparseDeltaLinear" in y.grad_fn.name()
-    for op in ("sparse_delta_linear", "sparse_delta_linear_4bit"):
+    for op in ("sparse_delta_linear",):
         dump = torch._C._dispatch_dump(f"fastpeft::{op}")
         autograd = [line for line in dump.splitlines() if line.startswith("Autograd")]
         assert autograd and all("sparse_delta_autograd.cpp" in line for line in autograd), dump

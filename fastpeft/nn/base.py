@@ -1,0 +1,136 @@
+"""The frozen base layer under every fused linear layer (LoRA, grouped LoRA projections, multi-LoRA,
+(IA)^3, sparse deltas): which layers can be wrapped, freezing them, the dtype the fused op runs in,
+and the frozen weight as the ops take it.
+
+A base is one of three kinds, named by ``base_kind``:
+
+* ``"dense"``: ``torch.nn.Linear``. Outside ``torch.autocast`` it runs in its weight's dtype and,
+  like ``nn.Linear``, refuses an input of another dtype; under autocast it runs in the autocast dtype.
+* ``"4bit"``: ``bitsandbytes.nn.Linear4bit`` (NF4 / FP4). As bitsandbytes does: it computes in the
+  layer's ``compute_dtype`` (else x's dtype) and returns x's dtype.
+* ``"int8"``: ``bitsandbytes.nn.Linear8bitLt`` holding int8 weights (``has_fp16_weights=False``,
+  the ``load_in_8bit`` default). As bitsandbytes does: it computes in x's dtype (the autocast dtype
+  under autocast) and returns x's dtype.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastpeft.quant import FrozenWeight, Int8Weight, Quant4bitWeight
+
+BASE_KINDS = ("dense", "4bit", "int8")
+
+
+def is_bnb_linear4bit(module: nn.Module) -> bool:
+    """A ``bitsandbytes.nn.Linear4bit``. bitsandbytes is never imported here: a Linear4bit can only
+    exist once it was, and importing it is slow."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def is_bnb_linear8bit(module: nn.Module) -> bool:
+    """A ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8()), whatever its ``has_fp16_weights``."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
+
+
+def base_kind(module: nn.Module) -> str:
+    """``"4bit"``, ``"int8"`` or ``"dense"``: which frozen-weight format a layer's base holds (check
+    ``base_layer_problem`` first: this does not say whether the layer can be wrapped)."""
+    if is_bnb_linear4bit(module):
+        return "4bit"
+    if is_bnb_linear8bit(module):
+        return "int8"
+    return "dense"
+
+
+def base_layer_problem(module: nn.Module) -> Optional[str]:
+    """Why a fused linear layer cannot wrap ``module`` (None when it can): the bases are
+    ``torch.nn.Linear``, bitsandbytes ``Linear4bit`` and bitsandbytes ``Linear8bitLt`` with int8 weights."""
+    if type(module) is nn.Linear or is_bnb_linear4bit(module):
+        return None
+    if is_bnb_linear8bit(module):
+        if getattr(module.state, "has_fp16_weights", False) or module.weight.dtype != torch.int8:
+            return (
+                "bitsandbytes Linear8bitLt with has_fp16_weights=True (or not yet quantized): its weight is "
+                f"{module.weight.dtype}, not int8"
+            )
+        return None
+    return f"{type(module).__name__} is not nn.Linear, bitsandbytes Linear4bit or Linear8bitLt"
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    """A layer every fused linear layer can wrap (see ``base_layer_problem``)."""
+    return base_layer_problem(module) is None
+
+
+def check_base_layer(module: nn.Module, owner: str) -> str:
+    """Raises TypeError (naming ``owner``, the wrapping class) unless ``module`` can be wrapped;
+    returns its ``base_kind``."""
+    if not isinstance(module, nn.Linear):
+        raise TypeError(
+            f"{owner} wraps torch.nn.Linear, bitsandbytes.nn.Linear4bit or bitsandbytes.nn.Linear8bitLt, got "
+            f"{type(module).__name__}"
+        )
+    problem = base_layer_problem(module)
+    if problem is not None:
+        raise TypeError(f"{owner} cannot wrap this layer: {problem}")
+    return base_kind(module)
+
+
+def freeze(module: nn.Module) -> None:
+    """The base gets no gradient: every parameter of it stops requiring grad."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def compute_dtype(base_layer: nn.Module, x: torch.Tensor, kind: str) -> torch.dtype:
+    """The dtype the fused op runs in for input ``x`` (see the module docstring for each kind).
+
+    A dense base outside autocast raises, as ``nn.Linear`` does, when x's dtype is not its weight's:
+    casting silently would downcast float64 input or double the memory of bfloat16 activations."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if kind == "4bit":
+        return getattr(base_layer, "compute_dtype", None) or x.dtype
+    if autocast:
+        return torch.get_autocast_dtype(x.device.type)
+    if kind == "int8":
+        return x.dtype
+    weight_dtype = base_layer.weight.dtype
+    if x.dtype != weight_dtype:
+        raise RuntimeError(
+            f"expected x of dtype {weight_dtype} (the dtype of the frozen {type(base_layer).__name__} weight), got "
+            f"{x.dtype}; cast x, or the layer with .to({x.dtype}), or run under torch.autocast"
+        )
+    return weight_dtype
+
+
+def output_dtype(x: torch.Tensor, dtype: torch.dtype, kind: str) -> torch.dtype:
+    """The dtype a layer returns: x's for quantized bases (as bitsandbytes), the compute dtype for
+    dense ones (as nn.Linear, the autocast dtype under autocast)."""
+    return dtype if kind == "dense" else x.dtype
+
+
+def frozen_weight(base_layer: nn.Module, kind: str, dtype: torch.dtype) -> FrozenWeight:
+    """The base weight as the fused ops take it: a dense tensor of ``dtype``, or the quantized weight
+    read from bitsandbytes without a copy."""
+    if kind == "4bit":
+        return Quant4bitWeight.from_bnb(base_layer.weight)
+    if kind == "int8":
+        return Int8Weight.from_bnb(base_layer)
+    return cast(base_layer.weight, dtype)
+
+
+def cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``t`` in ``dtype`` (None stays None; no copy when it already is)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def kind_label(kind: str) -> str:
+    """How a base kind reads in a module's repr."""
+    return {"4bit": "nf4/fp4", "int8": "int8"}.get(kind, "dense")
