@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "quant4bit/quant4bit.h"
-#include "quant8bit/int8_rowwise.h"
+#include "int8/int8.h"
 
 namespace fastpeft {
 

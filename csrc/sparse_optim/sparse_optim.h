@@ -34,7 +34,7 @@ struct SparseAdamWTensor {
 };
 
 // Device kernels. All tensors of one call share the parameter dtype `dtype` and one device, and
-// are validated by the op body (sparse_adamw.cpp); grad_scale / found_inf may be absent.
+// are validated by the op body (sparse_optim.cpp); grad_scale / found_inf may be absent.
 void sparse_adamw_cpu_kernel(std::vector<SparseAdamWTensor>& tensors, at::ScalarType dtype, const AdamWHyper& h,
                              const float* grad_scale, const float* found_inf);
 #ifdef FASTPEFT_WITH_CUDA

@@ -7,7 +7,7 @@ from fastpeft.ops.lora import lora_linear, lora_linear_grouped, lora_linear_mult
 from fastpeft.ops.prefix_attention import prefix_attention, prefix_attention_reference
 from fastpeft.ops.multi_lora import MultiLoRAPlan, multi_lora_linear, multi_lora_linear_reference, plan_multi_lora
 from fastpeft.ops.quant4bit import dequantize_4bit, dequantize_4bit_reference
-from fastpeft.ops.quant8bit import dequantize_int8
+from fastpeft.ops.int8 import dequantize_int8
 from fastpeft.ops.sparse_delta import sparse_delta_linear, sparse_delta_linear_reference
 from fastpeft.ops.sparse_optim import sparse_adamw_step, sparse_adamw_step_reference
 

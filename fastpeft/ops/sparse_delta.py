@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpeft.ops.frozen_weight import dense_weight_reference_f32
-from fastpeft.ops.quant8bit import dequantize_int8
+from fastpeft.ops.int8 import dequantize_int8
 from fastpeft.quant import FrozenWeight, Int8Weight, Quant4bitWeight, frozen_weight_args, frozen_weight_shapes
 
 Weight = FrozenWeight

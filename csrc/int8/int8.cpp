@@ -1,5 +1,5 @@
-// bitsandbytes int8 row-wise weights: validation and the dequantize op (see int8_rowwise.h).
-#include "quant8bit/int8_rowwise.h"
+// bitsandbytes int8 row-wise weights: validation and the dequantize op (see int8.h).
+#include "int8/int8.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>

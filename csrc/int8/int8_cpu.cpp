@@ -1,11 +1,11 @@
 // CPU dequantization of bitsandbytes int8 row-wise weights: out[o, k] = round((CB[o, k] * SCB[o]) / 127)
-// in float32, then one rounding to out's dtype (see int8_rowwise.h).
+// in float32, then one rounding to out's dtype (see int8.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 
-#include "quant8bit/int8_rowwise.h"
+#include "int8/int8.h"
 
 namespace fastpeft {
 

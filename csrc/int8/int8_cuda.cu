@@ -11,7 +11,7 @@
 
 #include <algorithm>
 
-#include "quant8bit/int8_rowwise.h"
+#include "int8/int8.h"
 
 namespace fastpeft {
 namespace {
