@@ -142,12 +142,9 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if args.gpu_shapes else CPU_SHAPES
     reps = args.reps or (50 if device.startswith("cuda") else 10)
     rows = rows_for(shapes, dtype, device, reps)
-    common.print_table(rows, common.TABLE_COLUMNS)
-    if not args.no_write:
-        name = "bench_adapter" + ("_quick" if args.quick else "_gpu_shapes" if args.gpu_shapes else "")
-        config = dict(shapes=shapes, reps=reps, threads=args.threads)
-        print("wrote", common.write_results(name, device, "adapter", rows, headline(shapes["bank"]), config))
-    return rows
+    name = "bench_adapter" + ("_quick" if args.quick else "_gpu_shapes" if args.gpu_shapes else "")
+    config = dict(shapes=shapes, reps=reps, threads=args.threads)
+    return common.finish(args, device, name, "adapter", rows, headline(shapes["bank"]), config)
 
 
 if __name__ == "__main__":

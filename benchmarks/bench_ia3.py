@@ -20,13 +20,12 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
 from fastpeft.nn import IA3Linear  # noqa: E402
-from fastpeft.ops import ia3_linear, ia3_linear_reference, ia3_scale, ia3_scale_reference  # noqa: E402
+from fastpeft.ops import ia3_linear_reference, ia3_scale, ia3_scale_reference  # noqa: E402
 from fastpeft.quant import Quant4bitWeight  # noqa: E402
 
 CPU_SHAPES = dict(tokens=1024, seq=128, hidden=1024, kv_out=256, intermediate=2816, tasks=16)
@@ -139,12 +138,10 @@ def main(argv=None):
     reps = args.reps or (50 if device.startswith("cuda") else 10)
     kinds = ["dense"] + ([] if args.no_4bit else ["nf4"])
     rows = scale_rows(shapes, dtype, device, reps) + linear_rows(shapes, dtype, device, reps, kinds)
-    common.print_table(rows, common.TABLE_COLUMNS + ["gbps"])
-    if not args.no_write:
-        name = "bench_ia3" + ("_quick" if args.quick else "_gpu_shapes" if args.gpu_shapes else "")
-        config = dict(shapes=shapes, reps=reps, threads=args.threads)
-        print("wrote", common.write_results(name, device, "ia3", rows, headline(shapes["tasks"]), config))
-    return rows
+    name = "bench_ia3" + ("_quick" if args.quick else "_gpu_shapes" if args.gpu_shapes else "")
+    config = dict(shapes=shapes, reps=reps, threads=args.threads)
+    return common.finish(args, device, name, "ia3", rows, headline(shapes["tasks"]), config,
+                         columns=common.TABLE_COLUMNS + ["gbps"])  # fmt: skip
 
 
 if __name__ == "__main__":

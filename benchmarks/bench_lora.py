@@ -146,13 +146,8 @@ def main(argv=None):
                         print(f"{case} {name:9s} " + "  ".join(f"{row['mode']} {row['median_ms']:.2f} ms" for row in rows[-3:]),
                               flush=True)  # fmt: skip
 
-    print()
-    common.print_table(rows, common.TABLE_COLUMNS)
-    if not args.no_write:
-        path = common.write_results(f"bench_lora_{preset}", device, "lora", rows, headline(kinds, dtype_str),
-                                    config=dict(preset=preset, reps=reps, **cfg))  # fmt: skip
-        print(f"\nwrote {path}")
-    return rows
+    config = dict(preset=preset, reps=reps, **cfg)
+    return common.finish(args, device, f"bench_lora_{preset}", "lora", rows, headline(kinds, dtype_str), config)
 
 
 if __name__ == "__main__":

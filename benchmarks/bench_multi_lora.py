@@ -181,12 +181,9 @@ def main(argv=None):
                     print(f"{mode:7s} {case:28s} {name:13s} {row['median_ms']:9.3f} ms  "
                           f"(p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})", flush=True)  # fmt: skip
 
-    if not args.no_write:
-        # The load average says how shared the machine was while the numbers were taken.
-        config = dict(preset=preset, reps=reps, device_peaks=common.device_peaks(device), loadavg=os.getloadavg(), **cfg)
-        path = common.write_results(f"bench_multi_lora_{preset}", device, "multi_lora", rows, headline(), config)
-        print(f"\nwrote {path}")
-    return rows
+    # The load average says how shared the machine was while the numbers were taken.
+    config = dict(preset=preset, reps=reps, device_peaks=common.device_peaks(device), loadavg=os.getloadavg(), **cfg)
+    return common.finish(args, device, f"bench_multi_lora_{preset}", "multi_lora", rows, headline(), config)
 
 
 if __name__ == "__main__":

@@ -155,13 +155,10 @@ def main(argv=None):
                     rows.append(common.make_row("prefix_attention", case_label(case), mode, dtype, provider, **case,
                                                 error="out of memory"))  # fmt: skip
                 torch.cuda.empty_cache()
-    common.print_table(rows, ["case", "provider", "mode", "median_ms", "p20_ms", "p80_ms", "tflops", "peak_bytes",
-                              "saved_bytes"])  # fmt: skip
-    if not args.no_write:
-        name = "bench_prefix_attention" + ("_quick" if args.quick else "")
-        config = {"shapes": "quick" if args.quick else "gpu" if args.gpu_shapes else "cpu-scaled", "reps": reps}
-        print("wrote", common.write_results(name, device, "prefix_attention", rows, headline(todo), config))
-    return rows
+    name = "bench_prefix_attention" + ("_quick" if args.quick else "")
+    config = {"shapes": "quick" if args.quick else "gpu" if args.gpu_shapes else "cpu-scaled", "reps": reps}
+    return common.finish(args, device, name, "prefix_attention", rows, headline(todo), config,
+                         columns=common.TABLE_COLUMNS + ["tflops"])  # fmt: skip
 
 
 if __name__ == "__main__":

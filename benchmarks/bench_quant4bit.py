@@ -84,13 +84,8 @@ def main(argv=None):
                     print(f"{row['shape']:>11s} {quant_type} nested={nested!s:5s} {name:12s} "
                           f"{row['median_ms']:.3f} ms  {row['gbps']:.1f} GB/s", flush=True)  # fmt: skip
     columns = ["case", "provider", "median_ms", "gbps"] + (["pct_of_hbm"] if peaks else [])
-    print()
-    common.print_table(rows, columns)
-    if not args.no_write:
-        path = common.write_results(f"bench_quant4bit_{preset}", device, "quant4bit", rows,
-                                    headline(common.dtype_name(dtype)), dict(preset=preset, reps=reps))  # fmt: skip
-        print("\nwrote", path)
-    return rows
+    return common.finish(args, device, f"bench_quant4bit_{preset}", "quant4bit", rows,
+                         headline(common.dtype_name(dtype)), dict(preset=preset, reps=reps), columns)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ Providers, on the same frozen base, the same x and the same k trained entries (v
 
 Cases: dense base (fp32 on CPU, bf16 on GPU) and bitsandbytes NF4 base (double-quantized; bnb runs on
 CPU), densities 0.1% / 0.5% / 2%, modes fwd (no grad) and fwd+bwd (x and values need grad).
-Reports median / p20 / p80 ms of interleaved repetitions after warm-up (CUDA events on GPU), the
-ratio to the floor and to fastpeft, and memory: on CPU the bytes autograd saves for backward, exact
+Reports median / p20 / p80 ms of interleaved repetitions after warm-up (CUDA events on GPU; the
+ratios to the floor and to fastpeft are summarize.py's, from the rows), and memory: on CPU the bytes autograd saves for backward, exact
 (saved_tensors_hooks; frozen weights, quantization state, indices and values not counted), on CUDA
 the peak memory allocated during one run.
 
@@ -157,13 +157,10 @@ def main(argv=None):
         for in_f, out_f in shapes["layers"]:
             for tokens in shapes["tokens"]:
                 rows += case_rows(kind, in_f, out_f, tokens, dtype, device, reps, args.densities, gen)
-    common.print_table(rows, common.TABLE_COLUMNS)
-    if not args.no_write:
-        preset = "_quick" if args.quick else "_full" if args.full else ""
-        name = "bench_sparse_delta" + preset + ("" if on_cuda else "_cpu")
-        config = dict(shapes=shapes, reps=reps, threads=None if on_cuda else args.threads)
-        print("wrote", common.write_results(name, device, "sparse_delta", rows, headline(), config))
-    return rows
+    preset = "_quick" if args.quick else "_full" if args.full else ""
+    name = "bench_sparse_delta" + preset + ("" if on_cuda else "_cpu")
+    config = dict(shapes=shapes, reps=reps, threads=None if on_cuda else args.threads)
+    return common.finish(args, device, name, "sparse_delta", rows, headline(), config)
 
 
 if __name__ == "__main__":

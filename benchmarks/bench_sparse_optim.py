@@ -176,14 +176,11 @@ def main(argv=None):
                     row["hbm_fraction"] = gbps / peaks["hbm_gbps"]
             rows.append(row)
         del provs
-    common.print_table(rows, ["case", "provider", "median_ms", "p20_ms", "p80_ms", "cpu_time_median_ms", "state_bytes",
-                              "gbps"])  # fmt: skip
-    if not args.no_write:
-        name = "bench_sparse_optim" + ("_full" if args.full else "_quick" if args.quick else "")
-        config = {"shapes": "llama2-7b" if args.full else "64/96 x 1 layer" if args.quick else "1024/2816 x 2 layers",
-                  "reps": reps}  # fmt: skip
-        print("wrote", common.write_results(name, device, "sparse_optim", rows, headline(args.densities), config))
-    return rows
+    name = "bench_sparse_optim" + ("_full" if args.full else "_quick" if args.quick else "")
+    config = {"shapes": "llama2-7b" if args.full else "64/96 x 1 layer" if args.quick else "1024/2816 x 2 layers",
+              "reps": reps}  # fmt: skip
+    columns = ["case", "provider", "median_ms", "p20_ms", "p80_ms", "cpu_time_median_ms", "state_bytes", "gbps"]
+    return common.finish(args, device, name, "sparse_optim", rows, headline(args.densities), config, columns)
 
 
 if __name__ == "__main__":

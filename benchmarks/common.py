@@ -379,6 +379,17 @@ def write_results(name: str, device: str, bench: str, rows: list, headline: list
     return path
 
 
+def finish(args: argparse.Namespace, device: str, name: str, bench: str, rows: list, headline: list,
+           config: Optional[dict] = None, columns: Optional[list] = None) -> list:
+    """The end of every bench's main: print the rows, write results/<device>/<name>.json unless
+    --no-write (``write_results``), return the rows."""
+    print()
+    print_table(rows, columns or TABLE_COLUMNS)
+    if not args.no_write:
+        print("\nwrote", write_results(name, device, bench, rows, headline, config))
+    return rows
+
+
 def print_table(rows: list, columns: list) -> None:
     """Print rows (dicts) as an aligned text table of the given columns."""
 
