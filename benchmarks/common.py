@@ -74,6 +74,7 @@ DEVICE_PEAKS = {
 
 ROW_KEYS = ("bench", "case", "mode", "dtype", "provider", "median_ms", "p20_ms", "p80_ms")
 MODES = ("fwd", "bwd", "fwd+bwd", "step")
+UNTIMED_METRICS = ("tokens_per_s",)  # what a row may measure instead of a per-run time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +321,7 @@ def check_rows(rows: list) -> None:
                 raise ValueError(f"{k} must be a non-empty string: {r}")
         times = [r[k] for k in ("median_ms", "p20_ms", "p80_ms")]
         if r["median_ms"] is None:
-            if "error" not in r and not any(k in r for k in ("tokens_per_s", "gbps")):
+            if "error" not in r and not any(k in r for k in UNTIMED_METRICS):
                 raise ValueError(f"an untimed row says why ('error') or what it measures instead: {r}")
         elif any(not isinstance(t, (int, float)) or t < 0 for t in times if t is not None):
             raise ValueError(f"times must be non-negative numbers: {r}")

@@ -112,6 +112,8 @@ def summarise(folder: str) -> str:
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         data = load(path)
         if data is None:
+            print(f"skipped {path}: not in the results schema (benchmarks/migrate_results.py converts old files)",
+                  file=sys.stderr)  # fmt: skip
             continue
         env = env or data.get("environment", {})
         link = f"[{os.path.basename(path)}]({os.path.relpath(path, os.path.dirname(HERE))})"
