@@ -6,7 +6,8 @@ Conventions (every bench_<family>.py follows them):
   * median with 20th/80th percentiles of repeated runs after warm-up; CUDA events on GPU;
     providers timed interleaved (``time_interleaved``) so a shared machine's drift hits all alike;
   * memory: peak allocated bytes on CUDA; on CPU the bytes autograd saves for backward (exact);
-  * results to benchmarks/results/<device-slug>/<name>.json through ``write_results``.
+  * results to benchmarks/results/<device-slug>/<name>.json through ``write_results`` (``finish``
+    at the end of a main prints the rows, writes them unless --no-write and returns them).
 
 Results file (one schema for every benchmark; ``summarize.py`` reads any such file)::
 
