@@ -23,12 +23,19 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.interleaved import time_interleaved  # noqa: E402
 from fastpeft.nn import BottleneckAdapter, BottleneckAdapterStack  # noqa: E402
 from fastpeft.ops import bottleneck_adapter_reference  # noqa: E402
 
 CPU_SHAPES = dict(tokens=2048, seq=128, hidden=768, r=48, bank=8)
 GPU_SHAPES = dict(tokens=16384, seq=512, hidden=4096, r=256, bank=8)
+QUICK_SHAPES = dict(tokens=64, seq=16, hidden=64, r=8, bank=4)
+
+
+def headline(bank):
+    """The README row: fwd+bwd time of the unfused PyTorch module over fastpeft's, over the cases."""
+    return [{"what": f"bottleneck adapter fwd+bwd (single, bank of {bank}, stack of 2)", "where": {"mode": "fwd+bwd"},
+             "cells": [{"text": "{}x vs the unfused PyTorch module", "values": [{"ratio": ["unfused", "fastpeft"]}]},
+                       {"text": ""}, {"text": ""}]}]  # fmt: skip
 
 
 class UnfusedAdapter(nn.Module):
@@ -60,26 +67,10 @@ def stage_dict(layer: BottleneckAdapter):
                 ln_bias=[layer.ln_bias] if layer.ln_before else None)  # fmt: skip
 
 
-def runner(fn, mode, params, inputs):
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-    g = torch.randn_like(fn())
-
-    def run():
-        for p in (*params, *inputs):
-            p.grad = None
-        fn().backward(g)
-
-    return run
-
-
 def bench(providers, device, mode, inputs, reps):
     """Interleaved timing of every provider ({name: (fn, params)}); saved bytes on CPU, peak on CUDA."""
-    runs = {name: runner(fn, mode, params, inputs) for name, (fn, params) in providers.items()}
-    stats = time_interleaved(runs, device, warmup=2, reps=reps)
+    runs = {name: common.runner(fn, mode, [*params, *inputs]) for name, (fn, params) in providers.items()}
+    stats = common.time_interleaved(runs, device, warmup=2, reps=reps)
     for name, (fn, params) in providers.items():
         stats[name]["peak_bytes"] = common.peak_memory_bytes(runs[name], device)
         if mode == "fwd+bwd" and not device.startswith("cuda"):
@@ -138,30 +129,22 @@ def rows_for(shapes, dtype, device, reps):
     for case, providers in cases:
         for mode in ("fwd", "fwd+bwd"):
             for name, st in bench(providers, device, mode, [x, h], reps).items():
-                rows.append(dict(case=case, mode=mode, provider=name, M=M, d=d, r=r, **st))
+                rows.append(common.make_row("adapter", case, mode, dtype, name, st, M=M, d=d, r=r))
     return rows
 
 
-def main():
+def main(argv=None):
+    """Run the benchmark; return its rows (in the schema of benchmarks/common.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gpu-shapes", action="store_true")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (default 1: on shared cores, multi-threaded ops stall on each other's barriers)")
-    args = parser.parse_args()
-    device = args.device
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    shapes = GPU_SHAPES if args.gpu_shapes else CPU_SHAPES
+    args = common.add_common_args(parser).parse_args(argv)
+    device, dtype = common.setup(args)
+    shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if args.gpu_shapes else CPU_SHAPES
     reps = args.reps or (50 if device.startswith("cuda") else 10)
-    torch.manual_seed(0)
-    if not device.startswith("cuda"):
-        torch.set_num_threads(args.threads)
     rows = rows_for(shapes, dtype, device, reps)
-    common.print_table(rows, ["case", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "saved_bytes", "peak_bytes"])
-    name = "bench_adapter" + ("_gpu_shapes" if args.gpu_shapes else "")
-    print("wrote", common.write_results(name, device, rows, extra=dict(shapes=shapes, dtype=str(dtype))))
+    name = "bench_adapter" + ("_quick" if args.quick else "_gpu_shapes" if args.gpu_shapes else "")
+    config = dict(shapes=shapes, reps=reps, threads=args.threads)
+    return common.finish(args, device, name, "adapter", rows, headline(shapes["bank"]), config)
 
 
 if __name__ == "__main__":

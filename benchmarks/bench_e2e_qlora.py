@@ -23,8 +23,8 @@ warnings.filterwarnings("ignore", message=".*kernels.*")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
 
 SIZES = {
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -36,6 +36,20 @@ SIZES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
 }  # fmt: skip
+PEER = "peft+bitsandbytes"
+
+
+def headline(size, r):
+    """The README row: tokens/s of fastpeft over peft + bitsandbytes, both figures, and the loss-curve gap."""
+    return [{"what": f"end-to-end QLoRA training steps (Llama architecture, NF4, LoRA r={r} on all linear layers, "
+                     "gradient checkpointing)", "where": {"mode": "step"},
+             "cells": [{"text": f"{{}}x the tokens/s of {PEER}",
+                        "values": [{"ratio": ["fastpeft", PEER], "metric": "tokens_per_s"}]},
+                       {"text": "{} vs {} tokens/s",
+                        "values": [{"value": "fastpeft", "metric": "tokens_per_s", "fmt": "{:.0f}"},
+                                   {"value": PEER, "metric": "tokens_per_s", "fmt": "{:.0f}"}]},
+                       {"text": "loss curves within {}",
+                        "values": [{"value": "fastpeft", "metric": "max_loss_gap", "fmt": "{:.1e}"}]}]}]  # fmt: skip
 
 
 def quantize_to_nf4(model: nn.Module, device: str, compute_dtype: torch.dtype) -> nn.Module:
@@ -87,7 +101,7 @@ def make_batches(vocab: int, batch: int, seq: int, steps: int, device: str, seed
 def train(model, batches, device, lr, warmup):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
-    losses, tokens = [], 0
+    losses, tokens, step_ms = [], 0, []
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -97,17 +111,20 @@ def train(model, batches, device, lr, warmup):
         if step == warmup:
             common.synchronize(device)
             start, tokens = time.perf_counter(), 0
+        t0 = time.perf_counter()
         loss = model(**inputs).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.item())  # .item() waits for the step: its time is the step's
+        if step >= warmup:
+            step_ms.append((time.perf_counter() - t0) * 1e3)
         tokens += inputs["input_ids"].numel()
     common.synchronize(device)
     elapsed = time.perf_counter() - start
-    result = dict(losses=losses, tokens_per_s=tokens / elapsed, seconds=elapsed)
+    result = dict(common.stats_ms(step_ms), losses=losses, tokens_per_s=tokens / elapsed, seconds=elapsed)
     if device.startswith("cuda"):
-        result["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+        result["peak_bytes"] = torch.cuda.max_memory_allocated() - base_mem
     return result
 
 
@@ -135,6 +152,7 @@ def plot(results: dict, path: str, title: str) -> None:
 
 
 def main(argv=None):
+    """Train both models; return the rows (in the schema of benchmarks/common.py), fastpeft's first."""
     import peft
 
     import fastpeft
@@ -178,27 +196,28 @@ def main(argv=None):
     batches = make_batches(SIZES[size]["vocab_size"], batch, seq, steps, device, seed=1)
 
     results = {}
-    for name, model in (("fastpeft", fast), ("peft+bitsandbytes", peft_model)):
+    for name, model in (("fastpeft", fast), (PEER, peft_model)):
         torch.manual_seed(0)
         results[name] = train(model, batches, device, args.lr, warmup)
         r = results[name]
-        mem = f", peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else ""
+        mem = f", peak {r['peak_bytes'] / 2**30:.2f} GiB" if "peak_bytes" in r else ""
         print(f"{name:18s} {r['tokens_per_s']:.0f} tokens/s{mem}, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}",
               flush=True)  # fmt: skip
-    gap = max(abs(a - b) for a, b in zip(results["fastpeft"]["losses"], results["peft+bitsandbytes"]["losses"]))
-    speedup = results["fastpeft"]["tokens_per_s"] / results["peft+bitsandbytes"]["tokens_per_s"]
-    summary = dict(size=size, batch=batch, seq=seq, steps=steps, r=args.r, dtype=str(dtype).replace("torch.", ""),
-                   gradient_checkpointing=not args.no_checkpointing, speedup=speedup, max_loss_gap=gap)  # fmt: skip
-    if gpu:
-        summary["memory_ratio"] = results["fastpeft"]["peak_mem_gib"] / results["peft+bitsandbytes"]["peak_mem_gib"]
-    print(f"fastpeft: {speedup:.2f}x the tokens/s of peft+bitsandbytes; largest loss gap {gap:.2e}"
-          + (f"; peak memory {summary['memory_ratio']:.2f}x" if gpu else ""))  # fmt: skip
+    gap = max(abs(a - b) for a, b in zip(results["fastpeft"]["losses"], results[PEER]["losses"]))
+    speedup = results["fastpeft"]["tokens_per_s"] / results[PEER]["tokens_per_s"]
+    case = f"{size} b{batch}x{seq} r{args.r}"
+    rows = [common.make_row("e2e_qlora", case, "step", dtype, name, r, size=size, batch=batch, seq=seq, steps=steps,
+                            r=args.r, gradient_checkpointing=not args.no_checkpointing)
+            for name, r in results.items()]  # fmt: skip
+    rows[0].update(max_loss_gap=gap, loss_gap_vs=PEER)
+    print(f"fastpeft: {speedup:.2f}x the tokens/s of {PEER}; largest loss gap {gap:.2e}")
     if not args.no_write:
-        path = common.write_results(f"bench_e2e_qlora_{size}", device, [summary], extra={"runs": results})
+        path = common.write_results(f"bench_e2e_qlora_{size}", device, "e2e_qlora", rows, headline(size, args.r),
+                                    dict(size=size, warmup_steps=warmup, lr=args.lr))  # fmt: skip
         png = path.replace(".json", ".png")
         plot(results, png, f"QLoRA {size} on {common.device_name(device)}: batch {batch} x {seq}, r={args.r}")
         print("wrote", path, "and", png)
-    return summary
+    return rows
 
 
 if __name__ == "__main__":

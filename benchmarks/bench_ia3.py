@@ -20,30 +20,27 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.interleaved import time_interleaved  # noqa: E402
 from fastpeft.nn import IA3Linear  # noqa: E402
-from fastpeft.ops import ia3_linear, ia3_linear_reference, ia3_scale, ia3_scale_reference  # noqa: E402
+from fastpeft.ops import ia3_linear_reference, ia3_scale, ia3_scale_reference  # noqa: E402
 from fastpeft.quant import Quant4bitWeight  # noqa: E402
 
 CPU_SHAPES = dict(tokens=1024, seq=128, hidden=1024, kv_out=256, intermediate=2816, tasks=16)
 GPU_SHAPES = dict(tokens=8192, seq=512, hidden=4096, kv_out=1024, intermediate=14336, tasks=256)
+QUICK_SHAPES = dict(tokens=64, seq=16, hidden=64, kv_out=32, intermediate=96, tasks=4)
 
 
-def make_base(kind, in_f, out_f, dtype, device):
-    lin = torch.nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
-    if kind == "dense":
-        return lin
-    import bitsandbytes as bnb
-
-    q = bnb.nn.Linear4bit(in_f, out_f, bias=True, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
-    q.weight = bnb.nn.Params4bit(lin.weight.data.float().cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
-    q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    return q.to(device)
+def headline(tasks):
+    """The README rows: per layer kind, fwd+bwd time against peft and against the base GEMM."""
+    return [{"what": f"(IA)^3 {kind} fwd+bwd (dense and NF4 bases, 1 and {tasks} tasks)",
+             "where": {"mode": "fwd+bwd", "kind": kind},
+             "cells": [{"text": "{}x vs peft", "values": [{"ratio": ["peft", "fastpeft"]}]},
+                       {"text": "{}x the base-GEMM floor", "values": [{"ratio": ["fastpeft", "floor"]}]},
+                       {"text": ""}]}
+            for kind in ("linear-out", "linear-ff")]  # fmt: skip
 
 
 def peft_layer(base, is_ff, is_4bit):
@@ -58,28 +55,10 @@ def peft_layer(base, is_ff, is_4bit):
     return PeftIA3Linear(base, "default", config, is_feedforward=is_ff)
 
 
-def runner(fn, mode, leaves):
-    """fn() under no_grad (forward) or fn() + backward with a fixed upstream gradient."""
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-    out = fn()
-    g = torch.randn_like(out)
-
-    def run():
-        for t in leaves:
-            t.grad = None
-        fn().backward(g)
-
-    return run
-
-
 def bench(providers, device, mode, leaves, reps):
     """Interleaved timing of every provider ({name: fn}), plus peak CUDA memory per provider."""
-    runs = {name: runner(fn, mode, leaves + extra) for name, (fn, extra) in providers.items()}
-    stats = time_interleaved(runs, device, warmup=2, reps=reps)
+    runs = {name: common.runner(fn, mode, leaves + extra) for name, (fn, extra) in providers.items()}
+    stats = common.time_interleaved(runs, device, warmup=2, reps=reps)
     for name, run in runs.items():
         stats[name]["peak_bytes"] = common.peak_memory_bytes(run, device)
     return stats
@@ -104,8 +83,9 @@ def scale_rows(shapes, dtype, device, reps):
             for name, st in stats.items():
                 moved = 2 * x.numel() * x.element_size() * (1 if mode == "fwd" else 3)  # bwd reads g, x; writes gx
                 gbps = moved / (st["median_ms"] * 1e-3) / 1e9
-                rows.append(dict(case="scale", base="-", tasks=tasks, mode=mode, provider=name, M=M, d=d, **st,
-                                 gbps=gbps, peak_gbps=peaks["hbm_gbps"] if peaks else None))  # fmt: skip
+                rows.append(common.make_row("ia3", f"scale T{tasks}", mode, dtype, name, st, kind="scale", base="-",
+                                            tasks=tasks, M=M, d=d, gbps=gbps,
+                                            peak_gbps=peaks["hbm_gbps"] if peaks else None))  # fmt: skip
     return rows
 
 
@@ -116,7 +96,7 @@ def linear_rows(shapes, dtype, device, reps, kinds):
     for kind in kinds:
         for side, in_f, out_f in (("out", shapes["hidden"], shapes["kv_out"]), ("ff", shapes["intermediate"], shapes["hidden"])):
             is_ff = side == "ff"
-            base = make_base(kind, in_f, out_f, dtype, device)
+            base = common.make_linear_base(kind, in_f, out_f, dtype, device)
             x = torch.randn(B, S, in_f, dtype=dtype, device=device, requires_grad=True)
             for tasks in (1, T):
                 layer = IA3Linear(base, is_ff, num_tasks=None if tasks == 1 else tasks)
@@ -141,35 +121,27 @@ def linear_rows(shapes, dtype, device, reps, kinds):
                         if mode == "fwd+bwd" and not device.startswith("cuda"):
                             exclude = tuple(p for p in (*base.parameters(), layer.ia3_l, *providers[name][1]))
                             saved = common.saved_activation_bytes(providers[name][0], exclude=exclude)
-                        rows.append(dict(case=f"linear-{side}", base=kind, tasks=tasks, mode=mode, provider=name, M=M,
-                                         in_f=in_f, out_f=out_f, saved_bytes=saved, **st))  # fmt: skip
+                        rows.append(common.make_row("ia3", f"linear-{side} {kind} T{tasks}", mode, dtype, name, st,
+                                                    kind=f"linear-{side}", base=kind, tasks=tasks, M=M, in_f=in_f,
+                                                    out_f=out_f, saved_bytes=saved))  # fmt: skip
     return rows
 
 
-def main():
+def main(argv=None):
+    """Run the benchmark; return its rows (in the schema of benchmarks/common.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gpu-shapes", action="store_true", help="the issue's Llama-3-8B shapes")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (default 1: on shared cores, multi-threaded ops stall on each other's barriers)")
     parser.add_argument("--no-4bit", action="store_true")
-    args = parser.parse_args()
-    device = args.device
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    shapes = GPU_SHAPES if args.gpu_shapes else CPU_SHAPES
+    args = common.add_common_args(parser).parse_args(argv)
+    device, dtype = common.setup(args)
+    shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if args.gpu_shapes else CPU_SHAPES
     reps = args.reps or (50 if device.startswith("cuda") else 10)
-    torch.manual_seed(0)
-    if not device.startswith("cuda"):
-        torch.set_num_threads(args.threads)
     kinds = ["dense"] + ([] if args.no_4bit else ["nf4"])
     rows = scale_rows(shapes, dtype, device, reps) + linear_rows(shapes, dtype, device, reps, kinds)
-    common.print_table(rows, ["case", "base", "tasks", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "gbps",
-                              "saved_bytes", "peak_bytes"])  # fmt: skip
-    name = "bench_ia3" + ("_gpu_shapes" if args.gpu_shapes else "")
-    path = common.write_results(name, device, rows, extra=dict(shapes=shapes, dtype=str(dtype)))
-    print("wrote", path)
+    name = "bench_ia3" + ("_quick" if args.quick else "_gpu_shapes" if args.gpu_shapes else "")
+    config = dict(shapes=shapes, reps=reps, threads=args.threads)
+    return common.finish(args, device, name, "ia3", rows, headline(shapes["tasks"]), config,
+                         columns=common.TABLE_COLUMNS + ["gbps"])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Providers, side by side on the same weights and routing:
   peft      peft's LoRA layer with adapter_names=[...] (inference only: peft refuses it in training)
   loop      the naive reference: base GEMM, then a Python loop over adapters gathering their rows
   floor     the frozen base layer alone (forward; forward + input gradient in training)
-Modes: infer (forward under no_grad) and train (forward + backward into x and every adapter).
+Modes: fwd (inference: forward under no_grad) and fwd+bwd (training: forward + backward into x and every adapter).
 Times: median with p20/p80, providers timed in turn within each round; memory: peak CUDA bytes on GPU, bytes saved for backward on CPU.
 
   python benchmarks/bench_multi_lora.py                 # CPU-sized shapes, fp32
@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
 
 import fastpeft  # noqa: E402,F401
 from fastpeft.nn import MultiLoRALinear  # noqa: E402
@@ -47,13 +46,13 @@ PRESETS = {
 }
 
 
-class OneLayer(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
+def headline():
+    """The README rows: inference and training, against peft's mixed batch and a loop over adapters."""
+    return [{"what": f"multi-LoRA mixed-adapter batch, {label} (4-16 adapters, mixed ranks)", "where": {"mode": mode},
+             "cells": [{"text": "{}x vs peft's mixed batch", "values": [{"ratio": ["peft", "fastpeft"]}]},
+                       {"text": "{}x vs a loop over adapters", "values": [{"ratio": ["loop", "fastpeft"]}]},
+                       {"text": ""}]}
+            for label, mode in (("infer", "fwd"), ("train", "fwd+bwd"))]  # fmt: skip
 
 
 def build(hidden, n_adapters, dtype, device):
@@ -69,7 +68,7 @@ def build(hidden, n_adapters, dtype, device):
     try:
         import peft
 
-        wrapper = OneLayer(copy.deepcopy(base))
+        wrapper = common.OneLayer(copy.deepcopy(base))
         for i, name in enumerate(names):
             r = RANK_CYCLE[i % len(RANK_CYCLE)]
             config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"])
@@ -96,7 +95,7 @@ def providers(base, ours, model, names, index, mode, rows):
     out["plan"] = (lambda x: plan_multi_lora(index, rows, len(names)), [], [])
     out["fastpeft"] = (lambda x: ours(x, plan), trainable, [ours.base_layer.weight, plan.sorted_rows, plan.offsets])
     out["fastpeft+plan"] = (lambda x: ours(x, index), trainable, [ours.base_layer.weight])
-    if model is not None and mode == "infer":
+    if model is not None and mode == "fwd":
         adapter_names = [names[i] for i in index.tolist()]
         out["peft"] = (lambda x: model(x, adapter_names=adapter_names), [], [])
     A = [ours.lora_A[n].weight for n in names]
@@ -108,7 +107,7 @@ def providers(base, ours, model, names, index, mode, rows):
 
 
 def make_step(fn, x, grad, mode):
-    if mode == "infer":
+    if mode == "fwd":
 
         def step():
             with torch.no_grad():
@@ -122,26 +121,9 @@ def make_step(fn, x, grad, mode):
     return step
 
 
-def interleaved_times(steps, device, warmup, reps):
-    """Median and p20/p80 (ms) per provider. Providers take turns within each round, so a load that
-    changes over time (a shared CPU) weighs on all of them alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            times[name].append(common.time_fn(step, device, warmup=0, reps=1)["median_ms"])
-    out = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
-        out[name] = {"ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3]}
-    return out
-
-
 def memory(fn, step, trainable, frozen, x, device, mode):
     row = {}
-    if mode == "train":
+    if mode == "fwd+bwd":
         row["saved_bytes"] = common.saved_activation_bytes(lambda: fn(x), exclude=tuple(trainable) + tuple(frozen))
     row["peak_bytes"] = common.peak_memory_bytes(step, device)
     for p in trainable:
@@ -158,22 +140,15 @@ def configs(cfg):
 
 
 def main(argv=None):
+    """Run the benchmark; return its rows (in the schema of benchmarks/common.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on GPU, cpu on CPU")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--modes", default="infer,train")
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (torch.set_num_threads); 1 gives steadier numbers on a shared machine")
-    parser.add_argument("--no-write", action="store_true", help="print only, do not write results/")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parser.add_argument("--modes", default="fwd,fwd+bwd", help="fwd (inference, no grad) and/or fwd+bwd (training)")
+    args = common.add_common_args(parser, threads=None).parse_args(argv)
     preset = "quick" if args.quick else (args.preset or ("gpu" if args.device.startswith("cuda") else "cpu"))
     cfg = PRESETS[preset]
-    dtype = getattr(torch, cfg["dtype"])
-    device = args.device
+    device, _ = common.setup(args)
+    dtype = getattr(torch, args.dtype or cfg["dtype"])
     reps = args.reps or (3 if preset == "quick" else 10 if device.startswith("cuda") else 5)
     hidden = cfg["hidden"]
 
@@ -186,64 +161,29 @@ def main(argv=None):
             index = torch.randint(0, n_adapters, (examples,), device=device)
             x = torch.randn(examples, seq, hidden, dtype=dtype, device=device)
             grad = torch.randn(examples, seq, hidden, dtype=dtype, device=device)
+            case = f"{n_adapters} adapters t{tokens} x{examples}"
             for mode in args.modes.split(","):
-                xm = x.clone().requires_grad_(mode == "train")
+                xm = x.clone().requires_grad_(mode == "fwd+bwd")
                 provs = providers(base, ours, model, names, index, mode, tokens)
-                if mode == "train":
+                if mode == "fwd+bwd":
                     provs.pop("plan")
                 steps = {name: make_step(fn, xm, grad, mode) for name, (fn, _, _) in provs.items()}
-                times = interleaved_times(steps, device, warmup=2, reps=reps)
+                times = common.time_interleaved(steps, device, warmup=2, reps=reps)
                 for name, (fn, trainable, frozen) in provs.items():
-                    row = dict(mode=mode, hidden=hidden, adapters=n_adapters, ranks="8/16/32/64", tokens=tokens,
-                               examples=examples, dtype=cfg["dtype"], provider=name)  # fmt: skip
-                    row.update(times[name])
+                    row = common.make_row("multi_lora", case, mode, dtype, name, times[name], hidden=hidden,
+                                          adapters=n_adapters, ranks="8/16/32/64", tokens=tokens, examples=examples)  # fmt: skip
                     row.update(memory(fn, steps[name], trainable, frozen, xm, device, mode))
                     # The frozen GEMMs every provider runs (forward; plus the input gradient in
                     # training), 2 flops per MAC: how close each gets to the base layer's throughput.
-                    base_flops = (2 if mode == "infer" else 4) * tokens * hidden * hidden
-                    row["base_tflops"] = base_flops / (row["ms"] * 1e-3) / 1e12
+                    base_flops = (2 if mode == "fwd" else 4) * tokens * hidden * hidden
+                    row["base_tflops"] = base_flops / (row["median_ms"] * 1e-3) / 1e12
                     rows.append(row)
-                    print(f"{mode:5s} adapters={n_adapters:3d} tokens={tokens:6d} examples={examples:4d} {name:13s} "
-                          f"{row['ms']:9.3f} ms  (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})", flush=True)  # fmt: skip
+                    print(f"{mode:7s} {case:28s} {name:13s} {row['median_ms']:9.3f} ms  "
+                          f"(p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})", flush=True)  # fmt: skip
 
-    summary = summarize(rows)
-    print()
-    common.print_table(summary, ["mode", "adapters", "tokens", "examples", "fastpeft_ms", "plan_ms", "floor_ms",
-                                 "vs_floor", "peft_ms", "vs_peft", "loop_ms", "vs_loop", "saved_MiB_fastpeft",
-                                 "saved_MiB_loop"])  # fmt: skip
-    if not args.no_write:
-        # The load average says how shared the machine was while the numbers were taken.
-        extra = {"summary": summary, "device_peaks": common.device_peaks(device), "loadavg": os.getloadavg()}
-        path = common.write_results(f"bench_multi_lora_{preset}", device, rows, extra=extra)
-        print(f"\nwrote {path}")
-    return rows, summary
-
-
-def summarize(rows):
-    """Per configuration: fastpeft's time against the floor and its speed-up over peft and the loop."""
-    by_cfg = {}
-    for row in rows:
-        key = (row["mode"], row["adapters"], row["tokens"], row["examples"])
-        by_cfg.setdefault(key, {})[row["provider"]] = row
-    summary = []
-    for (mode, adapters, tokens, examples), p in by_cfg.items():
-        ours, floor = p["fastpeft"], p["floor"]
-        s = dict(mode=mode, adapters=adapters, tokens=tokens, examples=examples, fastpeft_ms=ours["ms"],
-                 fastpeft_with_plan_ms=p["fastpeft+plan"]["ms"], floor_ms=floor["ms"],
-                 vs_floor=ours["ms"] / floor["ms"])  # fmt: skip
-        if "plan" in p:
-            s["plan_ms"] = p["plan"]["ms"]
-        for peer in ("peft", "loop"):
-            if peer in p:
-                s[f"{peer}_ms"] = p[peer]["ms"]
-                s[f"vs_{peer}"] = p[peer]["ms"] / ours["ms"]
-        for name in ("fastpeft", "loop"):
-            if p.get(name, {}).get("saved_bytes") is not None:
-                s[f"saved_MiB_{name}"] = p[name]["saved_bytes"] / 2**20
-        if ours.get("peak_bytes") is not None:
-            s["peak_MiB_fastpeft"] = ours["peak_bytes"] / 2**20
-        summary.append(s)
-    return summary
+    # The load average says how shared the machine was while the numbers were taken.
+    config = dict(preset=preset, reps=reps, device_peaks=common.device_peaks(device), loadavg=os.getloadavg(), **cfg)
+    return common.finish(args, device, f"bench_multi_lora_{preset}", "multi_lora", rows, headline(), config)
 
 
 if __name__ == "__main__":

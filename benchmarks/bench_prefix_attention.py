@@ -28,14 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (  # noqa: E402
-    device_peaks,
-    peak_memory_bytes,
-    print_table,
-    saved_activation_bytes,
-    time_fn,
-    write_results,
-)
+from benchmarks import common  # noqa: E402
 from fastpeft.ops import prefix_attention, prefix_attention_reference  # noqa: E402
 
 
@@ -96,23 +89,43 @@ def bench_case(case, provider, dtype, device, reps):
         torch.autograd.grad(fn(q, k, v, pk, pv, index), leaves, grad, allow_unused=True)
 
     rows = []
-    for mode, run in (("forward", forward), ("forward+backward", forward_backward)):
-        t = time_fn(run, device, warmup=2, reps=reps)
-        tflops = useful_flops(B, H, S, D, P, mode != "forward") / (t["median_ms"] * 1e-3) / 1e12
-        row = {**case, "dtype": str(dtype).replace("torch.", ""), "provider": provider, "mode": mode, **t,
-               "tflops": tflops, "peak_memory_bytes": peak_memory_bytes(run, device)}  # fmt: skip
-        peaks = device_peaks(device)
+    for mode, run in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        t = common.time_fn(run, device, warmup=2, reps=reps)
+        tflops = useful_flops(B, H, S, D, P, mode != "fwd") / (t["median_ms"] * 1e-3) / 1e12
+        row = common.make_row("prefix_attention", case_label(case), mode, dtype, provider, t, **case, tflops=tflops,
+                              peak_bytes=common.peak_memory_bytes(run, device))  # fmt: skip
+        peaks = common.device_peaks(device)
         if peaks:
             row["peak_bf16_tflops"] = peaks["bf16_tflops"]
-        if mode != "forward":
-            row["saved_bytes"] = saved_activation_bytes(lambda: fn(q, k, v, pk, pv, index), exclude=leaves)
+        if mode != "fwd":
+            row["saved_bytes"] = common.saved_activation_bytes(lambda: fn(q, k, v, pk, pv, index), exclude=leaves)
         rows.append(row)
     del q, k, v, pk, pv
     return rows
 
 
-def cases(gpu_shapes):
-    if gpu_shapes:  # Llama-3-8B attention layout, ~16k tokens per step
+def case_label(case):
+    """"S128 P16 B2 N1" (with the case's label in front where it has one): the row's ``case``."""
+    text = "S{S} P{P} B{B} N{N}".format(**case)
+    return f"{case['label']} {text}" if case.get("label") else text
+
+
+def headline(cases):
+    """The README row: fwd+bwd time of concat + SDPA and of peft's path over fastpeft's."""
+    plain = [c for c in cases if not c.get("label")]
+    ps = "/".join(str(p) for p in sorted({c["P"] for c in plain}))
+    ss = "/".join(str(s) for s in sorted({c["S"] for c in plain}))
+    return [{"what": f"prefix attention fwd+bwd (GQA, P {ps}, S {ss})", "where": {"mode": "fwd+bwd"},
+             "cells": [{"text": "{}x vs concat+SDPA", "values": [{"ratio": ["sdpa", "fastpeft"]}]},
+                       {"text": "{}x vs peft's path", "values": [{"ratio": ["peft", "fastpeft"]}]},
+                       {"text": ""}]}]  # fmt: skip
+
+
+def cases(gpu_shapes, quick=False):
+    if quick:
+        layout = dict(H=4, Hkv=2, D=16)
+        shapes = [dict(S=32, P=8, B=2, N=1), dict(S=32, P=8, B=4, N=4, label="bank4")]
+    elif gpu_shapes:  # Llama-3-8B attention layout, ~16k tokens per step
         layout = dict(H=32, Hkv=8, D=128)
         shapes = [dict(S=S, P=P, B=max(1, 16384 // S), N=1) for S in (512, 2048, 8192) for P in (16, 64, 256)]
         shapes += [dict(S=512, P=64, B=64, N=1, label="shared"), dict(S=512, P=64, B=64, N=64, label="bank64")]
@@ -123,34 +136,29 @@ def cases(gpu_shapes):
     return [{**layout, **s} for s in shapes]
 
 
-def main():
+def main(argv=None):
+    """Run the benchmark; return its rows (in the schema of benchmarks/common.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--gpu-shapes", action="store_true", help="the issue's Llama-3-8B shapes")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    args = common.add_common_args(parser, threads=None).parse_args(argv)
+    device, dtype = common.setup(args)
     reps = args.reps or (20 if device.startswith("cuda") else 5)
     rows = []
-    for case in cases(args.gpu_shapes):
+    todo = cases(args.gpu_shapes, args.quick)
+    for case in todo:
         for provider in args.providers.split(","):
             try:
                 rows += bench_case(case, provider, dtype, device, reps)
             except torch.OutOfMemoryError:
-                rows.append({**case, "provider": provider, "error": "out of memory"})
+                for mode in ("fwd", "fwd+bwd"):
+                    rows.append(common.make_row("prefix_attention", case_label(case), mode, dtype, provider, **case,
+                                                error="out of memory"))  # fmt: skip
                 torch.cuda.empty_cache()
-    print_table(rows, ["label", "B", "S", "P", "N", "provider", "mode", "median_ms", "p20_ms", "p80_ms", "tflops",
-                       "peak_memory_bytes", "saved_bytes"])  # fmt: skip
-    if not args.no_write:
-        extra = {"dtype": str(dtype), "shapes": "gpu" if args.gpu_shapes else "cpu-scaled"}
-        print("wrote", write_results("bench_prefix_attention", device, rows, extra))
+    name = "bench_prefix_attention" + ("_quick" if args.quick else "")
+    config = {"shapes": "quick" if args.quick else "gpu" if args.gpu_shapes else "cpu-scaled", "reps": reps}
+    return common.finish(args, device, name, "prefix_attention", rows, headline(todo), config,
+                         columns=common.TABLE_COLUMNS + ["tflops"])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
 
 from fastpeft.ops import dequantize_4bit, dequantize_4bit_reference  # noqa: E402
 from fastpeft.quant import Quant4bitWeight  # noqa: E402
@@ -26,6 +26,17 @@ SHAPES = {
     "cpu": [(1024, 1024), (3584, 1024), (1024, 3584)],
     "quick": [(512, 512)],
 }
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def headline(dtype):
+    """The README row: achieved GB/s of fastpeft's and of bitsandbytes' dequantization, over the cases."""
+    return [{"what": f"dequantize 4-bit (nf4/fp4, nested or not), {SHORT_DTYPE.get(dtype, dtype)} out",
+             "where": {"mode": "fwd"},
+             "cells": [{"text": "fastpeft {} GB/s", "values": [{"value": "fastpeft", "metric": "gbps", "fmt": "{:.1f}"}]},
+                       {"text": "bitsandbytes {} GB/s",
+                        "values": [{"value": "bitsandbytes", "metric": "gbps", "fmt": "{:.1f}"}]},
+                       {"text": "bit-exact with bitsandbytes"}]}]  # fmt: skip
 
 
 def moved_bytes(qw: Quant4bitWeight, out_dtype: torch.dtype) -> int:
@@ -37,18 +48,15 @@ def moved_bytes(qw: Quant4bitWeight, out_dtype: torch.dtype) -> int:
 
 
 def main(argv=None):
+    """Run the benchmark; return its rows (in the schema of benchmarks/common.py)."""
     import bitsandbytes.functional as BF
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args(argv)
-    device = args.device
+    args = common.add_common_args(parser, threads=None).parse_args(argv)
+    device, dtype = common.setup(args)
     preset = "quick" if args.quick else ("llama8b" if device.startswith("cuda") else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     peaks = common.device_peaks(device)
-    reps = 20 if device.startswith("cuda") else 5
+    reps = args.reps or (20 if device.startswith("cuda") else 5)
 
     rows = []
     for shape in SHAPES[preset]:
@@ -66,19 +74,18 @@ def main(argv=None):
                 nbytes = moved_bytes(qw, dtype)
                 for name, fn in candidates.items():
                     t = common.time_fn(fn, device, warmup=2, reps=reps)
-                    row = dict(shape=f"{shape[0]}x{shape[1]}", quant_type=quant_type, nested=nested,
-                               dtype=str(dtype).replace("torch.", ""), provider=name, ms=t["median_ms"],
-                               p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], gbps=nbytes / (t["median_ms"] * 1e-3) / 1e9)  # fmt: skip
+                    case = f"{shape[0]}x{shape[1]} {quant_type}{' nested' if nested else ''}"
+                    row = common.make_row("quant4bit", case, "fwd", dtype, name, t, shape=f"{shape[0]}x{shape[1]}",
+                                          quant_type=quant_type, nested=nested,
+                                          gbps=nbytes / (t["median_ms"] * 1e-3) / 1e9)  # fmt: skip
                     if peaks:
                         row["pct_of_hbm"] = 100 * row["gbps"] / peaks["hbm_gbps"]
                     rows.append(row)
                     print(f"{row['shape']:>11s} {quant_type} nested={nested!s:5s} {name:12s} "
-                          f"{row['ms']:.3f} ms  {row['gbps']:.1f} GB/s", flush=True)  # fmt: skip
-    columns = ["shape", "quant_type", "nested", "provider", "ms", "gbps"] + (["pct_of_hbm"] if peaks else [])
-    print()
-    common.print_table(rows, columns)
-    if not args.no_write:
-        print("\nwrote", common.write_results(f"bench_quant4bit_{preset}", device, rows))
+                          f"{row['median_ms']:.3f} ms  {row['gbps']:.1f} GB/s", flush=True)  # fmt: skip
+    columns = ["case", "provider", "median_ms", "gbps"] + (["pct_of_hbm"] if peaks else [])
+    return common.finish(args, device, f"bench_quant4bit_{preset}", "quant4bit", rows,
+                         headline(common.dtype_name(dtype)), dict(preset=preset, reps=reps), columns)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ Providers, on the same frozen base, the same x and the same k trained entries (v
 
 Cases: dense base (fp32 on CPU, bf16 on GPU) and bitsandbytes NF4 base (double-quantized; bnb runs on
 CPU), densities 0.1% / 0.5% / 2%, modes fwd (no grad) and fwd+bwd (x and values need grad).
-Reports median / p20 / p80 ms of interleaved repetitions after warm-up (CUDA events on GPU), the
-ratio to the floor and to fastpeft, and memory: on CPU the bytes autograd saves for backward, exact
+Reports median / p20 / p80 ms of interleaved repetitions after warm-up (CUDA events on GPU; the
+ratios to the floor and to fastpeft are summarize.py's, from the rows), and memory: on CPU the bytes autograd saves for backward, exact
 (saved_tensors_hooks; frozen weights, quantization state, indices and values not counted), on CUDA
 the peak memory allocated during one run.
 
@@ -36,7 +36,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.interleaved import time_interleaved  # noqa: E402
 from fastpeft.nn import SparseDeltaLinear  # noqa: E402
 from fastpeft.optim.masks import index_dtype  # noqa: E402
 from fastpeft.optim.random_mask import sample_without_replacement  # noqa: E402
@@ -48,18 +47,12 @@ QUICK_SHAPES = dict(layers=[(64, 96)], tokens=[32])
 DENSITIES = (0.001, 0.005, 0.02)
 
 
-def make_base(kind, in_f, out_f, dtype, device):
-    """A frozen nn.Linear, or its bitsandbytes NF4 (double-quantized) copy."""
-    lin = torch.nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
-    if kind == "dense":
-        return lin
-    import bitsandbytes as bnb
-
-    q = bnb.nn.Linear4bit(in_f, out_f, bias=True, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
-    w = lin.weight.data.cpu()  # quantized from the compute dtype, as a bf16 checkpoint would be
-    q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
-    q.bias = torch.nn.Parameter(lin.bias.data.clone().cpu(), requires_grad=False)
-    return q.to(device)
+def headline():
+    """The README row: fwd+bwd time of the dense-delta practice over fastpeft's, and fastpeft's over the floor."""
+    return [{"what": "SparseDeltaLinear fwd+bwd (dense and NF4 bases, density 0.1-2%)", "where": {"mode": "fwd+bwd"},
+             "cells": [{"text": "{}x vs the dense-delta practice", "values": [{"ratio": ["reference", "fastpeft"]}]},
+                       {"text": "{}x the frozen-linear floor", "values": [{"ratio": ["fastpeft", "floor"]}]},
+                       {"text": "saves only x for backward"}]}]  # fmt: skip
 
 
 def frozen_dense_weight(base, kind, dtype):
@@ -78,23 +71,6 @@ def reference_linear(x, weight_fn, bias, indices, values, shape):
     delta = torch.zeros(shape[0] * shape[1], dtype=values.dtype, device=values.device)
     delta = delta.scatter(0, indices, values).view(shape)  # differentiable in values (backward: gather)
     return F.linear(x, (w + delta).to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-def runner(fn, mode, leaves):
-    """fn() under no_grad (fwd), or fn() + backward with a fixed upstream gradient (fwd+bwd)."""
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-    g = torch.randn_like(fn())
-
-    def run():
-        for t in leaves:
-            t.grad = None
-        fn().backward(g)
-
-    return run
 
 
 def frozen_tensors(base, layer):
@@ -128,7 +104,7 @@ def check_against_reference(providers, x, values):
 
 def case_rows(kind, in_f, out_f, tokens, dtype, device, reps, densities, gen):
     rows = []
-    base = make_base(kind, in_f, out_f, dtype, device)
+    base = common.make_linear_base(kind, in_f, out_f, dtype, device)
     shape = (out_f, in_f)
     numel = in_f * out_f
     weight_fn = frozen_dense_weight(base, kind, dtype)
@@ -147,48 +123,33 @@ def case_rows(kind, in_f, out_f, tokens, dtype, device, reps, densities, gen):
         }
         err_y, err_v = check_against_reference(providers, x, layer.values)
         for mode in ("fwd", "fwd+bwd"):
-            runs = {name: runner(fn, mode, [x, layer.values]) for name, fn in providers.items()}
-            stats = time_interleaved(runs, device, warmup=2, reps=reps)
+            runs = {name: common.runner(fn, mode, [x, layer.values]) for name, fn in providers.items()}
+            stats = common.time_interleaved(runs, device, warmup=2, reps=reps)
             for name, st in stats.items():
                 saved = None
                 if mode == "fwd+bwd" and not device.startswith("cuda"):
                     saved = common.saved_activation_bytes(providers[name], exclude=frozen_tensors(base, layer))
-                row = dict(base=kind, in_f=in_f, out_f=out_f, tokens=tokens, density=density, k=k, mode=mode,
-                           provider=name, dtype=str(dtype).replace("torch.", ""), **st, saved_bytes=saved,
-                           peak_bytes=common.peak_memory_bytes(runs[name], device))  # fmt: skip
+                row = common.make_row("sparse_delta", f"{kind} {in_f}x{out_f} t{tokens} d{density:g}", mode, dtype,
+                                      name, st, base=kind, in_f=in_f, out_f=out_f, tokens=tokens, density=density,
+                                      k=k, saved_bytes=saved, peak_bytes=common.peak_memory_bytes(runs[name], device))  # fmt: skip
                 if name == "fastpeft":
                     row.update(max_abs_err_y=err_y, max_abs_err_dvalues=err_v)
                 rows.append(row)
-            floor_ms = stats["floor"]["median_ms"]
-            fast_ms = stats["fastpeft"]["median_ms"]
-            for row in rows[-len(stats):]:
-                row["vs_floor"] = row["median_ms"] / floor_ms
-                row["vs_fastpeft"] = row["median_ms"] / fast_ms
         del layer, providers, runs
     return rows
 
 
 def main(argv=None):
+    """Run the benchmark; return its rows (in the schema of benchmarks/common.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="Llama-2-7B shapes, 2k-8k tokens (needs a GPU)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 50 on GPU, 10 on CPU)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (default 1: on shared cores, threaded ops stall on each other's barriers)")
     parser.add_argument("--no-4bit", action="store_true", help="skip the bitsandbytes NF4 base")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args(argv)
-    device = args.device
+    args = common.add_common_args(parser).parse_args(argv)
+    device, dtype = common.setup(args)
     on_cuda = device.startswith("cuda")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES if args.full else CPU_SHAPES
     reps = args.reps or (50 if on_cuda else 10)
-    if not on_cuda:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     kinds = ["dense"] + ([] if args.no_4bit else ["nf4"])
     rows = []
@@ -196,15 +157,10 @@ def main(argv=None):
         for in_f, out_f in shapes["layers"]:
             for tokens in shapes["tokens"]:
                 rows += case_rows(kind, in_f, out_f, tokens, dtype, device, reps, args.densities, gen)
-    common.print_table(rows, ["base", "in_f", "out_f", "tokens", "density", "mode", "provider", "median_ms", "p20_ms",
-                              "p80_ms", "vs_floor", "vs_fastpeft", "saved_bytes", "peak_bytes"])  # fmt: skip
-    if not args.no_write:
-        preset = "_quick" if args.quick else "_full" if args.full else ""
-        name = "bench_sparse_delta" + preset + ("" if on_cuda else "_cpu")
-        extra = dict(shapes=shapes, dtype=str(dtype), reps=reps, threads=None if on_cuda else args.threads)
-        path = common.write_results(name, device, rows, extra=extra)
-        print("wrote", path)
-    return rows
+    preset = "_quick" if args.quick else "_full" if args.full else ""
+    name = "bench_sparse_delta" + preset + ("" if on_cuda else "_cpu")
+    config = dict(shapes=shapes, reps=reps, threads=None if on_cuda else args.threads)
+    return common.finish(args, device, name, "sparse_delta", rows, headline(), config)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Summarise measured benchmark results (benchmarks/results/<device>/*.json) as a Markdown table.
 
 The README's benchmark table is this script's output, pasted: every figure comes from a results
-file, and each row names the file it came from. Ratios are "peer time / fastpeft time" (> 1 means
-fastpeft is faster) unless the column says otherwise; a range is min..max over the shapes measured.
+file, and each row names the file it came from. There is no code per benchmark: every results file
+is in the schema of benchmarks/common.py and carries its ``headline``, the table rows it wants as
+data (which rows to compare, which providers, which metric); this script evaluates them. Ratios
+are min..max over the cases measured. The main job's files (examples/finetune_minilm.py) have their
+own format; ``main_job`` turns one into rows and a headline of the same schema.
 
     python benchmarks/summarize.py [benchmarks/results/<device>]
 """
@@ -16,6 +19,7 @@ import sys
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+COLUMNS = ("what", "fastpeft vs peer", "second comparison", "note", "raw")
 
 
 def _range(values, fmt="{:.2f}") -> str:
@@ -26,151 +30,97 @@ def _range(values, fmt="{:.2f}") -> str:
     return fmt.format(lo) if abs(hi - lo) < 1e-9 else f"{fmt.format(lo)}..{fmt.format(hi)}"
 
 
-def _pivot(rows, keys, value):
-    """{(key values): {provider: value}}"""
-    table = defaultdict(dict)
-    for r in rows:
-        table[tuple(r.get(k) for k in keys)][r["provider"]] = r.get(value)
-    return table
+def _matches(row: dict, where: dict) -> bool:
+    for key, want in where.items():
+        if row.get(key) not in (want if isinstance(want, list) else [want]):
+            return False
+    return True
 
 
-def _ratios(table, peer, ours="fastpeft"):
-    return [t[peer] / t[ours] for t in table.values() if t.get(peer) and t.get(ours)]
-
-
-def lora(d):
-    s = d["summary"]
-    dense = [r for r in s if r["kind"] == "dense"]
-    nf4 = [r for r in s if r["kind"] == "nf4"]
+def _values(spec: dict, by_case: dict) -> list:
+    """The spec's number for every case that has what it needs (see benchmarks/common.py)."""
+    metric = spec.get("metric", "median_ms")
     out = []
-    for name, part in (("dense", dense), ("NF4", nf4)):
-        if part:
-            out.append((f"LoRA linear fwd+bwd, {name} base, fp32",
-                        f"{_range([r['peft_speedup'] for r in part])}x vs peft",
-                        f"{_range([r['vs_floor'] for r in part])}x the frozen-linear floor",
-                        "saved bytes = peft's without dropout (x + tokens x r)"))  # fmt: skip
-    return out
-
-
-def quant4bit(d):
-    t = _pivot(d["rows"], ("shape", "quant_type", "nested"), "gbps")
-    ours = [v["fastpeft"] for v in t.values()]
-    bnb = [v.get("bitsandbytes") for v in t.values()]
-    return [("dequantize 4-bit (nf4/fp4, nested or not), fp32 out", f"fastpeft {_range(ours, '{:.1f}')} GB/s",
-             f"bitsandbytes {_range(bnb, '{:.1f}')} GB/s", "bit-exact with bitsandbytes")]  # fmt: skip
-
-
-def ia3(d):
-    out = []
-    rows = [r for r in d["rows"] if r["mode"] == "fwd+bwd"]
-    for case in ("linear-out", "linear-ff"):
-        part = [r for r in rows if r["case"] == case]
-        t = _pivot(part, ("base", "tasks"), "median_ms")
-        out.append((f"(IA)^3 {case} fwd+bwd (dense and NF4 bases, 1 and 16 tasks)",
-                    f"{_range(_ratios(t, 'peft'))}x vs peft",
-                    f"{_range([v['fastpeft'] / v['floor'] for v in t.values() if v.get('floor')])}x the base-GEMM floor",
-                    ""))  # fmt: skip
-    return out
-
-
-def adapter(d):
-    t = _pivot([r for r in d["rows"] if r["mode"] == "fwd+bwd"], ("case",), "median_ms")
-    return [("bottleneck adapter fwd+bwd (single, bank of 8, stack of 2)",
-             f"{_range(_ratios(t, 'unfused'))}x vs the unfused PyTorch module", "", "")]  # fmt: skip
-
-
-def sparse(d):
-    rows = d["rows"]
-    out = []
-    for dens in sorted({r["density"] for r in rows}):
-        by = {r["provider"]: r for r in rows if r["density"] == dens}
-        f, dm, fk = by.get("fastpeft"), by.get("dense_masked"), by.get("torch_fused_k")
-        if not f:
+    for providers in by_case.values():
+        if "value" in spec:
+            out.append(providers.get(spec["value"], {}).get(metric))
             continue
-        out.append((f"SparseMaskedAdamW step, density {dens:.1%}",
-                    f"{dm['median_ms'] / f['median_ms']:.1f}x faster, {dm['state_bytes'] / f['state_bytes']:.0f}x less "
-                    "state than dense-masked AdamW" if dm else "-",
-                    f"{f['median_ms'] / fk['median_ms']:.2f}x the time of torch AdamW(fused) on k entries" if fk else "-",
-                    ""))  # fmt: skip
+        a, b = (providers.get(p, {}).get(metric) for p in spec["ratio"])
+        if a is not None and b:
+            out.append(a / b)
     return out
 
 
-def prefix(d):
-    rows = [r for r in d["rows"] if r["mode"] == "forward+backward"]
-    t = _pivot(rows, ("S", "P", "N", "H", "Hkv", "D", "B"), "median_ms")
-    return [("prefix attention fwd+bwd (GQA, P 16/64, S 128/512)", f"{_range(_ratios(t, 'sdpa'))}x vs concat+SDPA",
-             f"{_range(_ratios(t, 'peft'))}x vs peft's path", "")]  # fmt: skip
+def cell(spec: dict, rows: list) -> str:
+    """One table cell: its text with every ``{}`` replaced by its value spec's min..max range."""
+    by_case = defaultdict(dict)
+    for r in rows:
+        by_case[(r["case"], r["mode"], r["dtype"])][r["provider"]] = r
+    ranges = [_range(_values(s, by_case), s.get("fmt", "{:.2f}")) for s in spec.get("values", [])]
+    if ranges and all(r == "-" for r in ranges):
+        return "-"
+    parts = spec.get("text", "").split("{}")
+    return "".join(p + (ranges[i] if i < len(ranges) else "") for i, p in enumerate(parts))
 
 
-def multi_lora(d):
-    s = d["summary"]
+def main_job(data: dict) -> dict:
+    """A finetune_minilm_<method>.json (the main job's own format) as a results document."""
+    fast = data["fastpeft"]
+    key = "peft" if data.get("peer", "").startswith("peft") else data.get("peer")
+    rows = [dict(case=data["method"], mode="step", dtype="-", provider="fastpeft", **fast)]
+    if key and key in data:
+        rows.append(dict(case=data["method"], mode="step", dtype="-", provider=data["peer"], **data[key]))
+        rows[0]["max_loss_gap"] = data["max_loss_gap"]
+        cells = [{"text": "{}x the speed of " + data["peer"],
+                  "values": [{"ratio": [data["peer"], "fastpeft"], "metric": "median_step_ms"}]},
+                 {"text": "median step {} ms", "values": [{"value": "fastpeft", "metric": "median_step_ms", "fmt": "{:.0f}"}]},
+                 {"text": "loss curves within {}", "values": [{"value": "fastpeft", "metric": "max_loss_gap", "fmt": "{:.1e}"}]}]  # fmt: skip
+    else:
+        cells = [{"text": "no peer"},
+                 {"text": "median step {} ms", "values": [{"value": "fastpeft", "metric": "median_step_ms", "fmt": "{:.0f}"}]},
+                 {"text": ""}]  # fmt: skip
+    what = (f"main job `--method {data['method']}` (MiniLM, test accuracy {data['accuracy_before']:.0%} -> "
+            f"{fast['accuracy_after']:.0%})")  # fmt: skip
+    return {"environment": data.get("environment", {}), "headline": [{"what": what, "where": {}, "cells": cells}],
+            "rows": rows}  # fmt: skip
+
+
+def table_rows(data: dict) -> list:
+    """[(what, cell, cell, cell)] for one results document, from its headline."""
     out = []
-    for mode in ("infer", "train"):
-        part = [r for r in s if r["mode"] == mode]
-        if part:
-            vs_peft = [r.get("vs_peft") for r in part]
-            out.append((f"multi-LoRA mixed-adapter batch, {mode} (4-16 adapters, mixed ranks)",
-                        f"{_range(vs_peft)}x vs peft's mixed batch" if any(vs_peft) else "-",
-                        f"{_range([r.get('vs_loop') for r in part])}x vs a loop over adapters", ""))  # fmt: skip
+    for h in data.get("headline", []):
+        rows = [r for r in data["rows"] if _matches(r, h.get("where", {}))]
+        cells = [cell(c, rows) for c in h.get("cells", [])]
+        out.append((h["what"], *(cells + [""] * 3)[:3]))
     return out
 
 
-def sparse_delta(d):
-    rows = [r for r in d["rows"] if r.get("mode") == "fwd+bwd"]
-    keys = [k for k in ("base", "kind", "shape", "in_f", "out_f", "density") if k in rows[0]] if rows else []
-    t = _pivot(rows, keys, "median_ms")
-    return [("SparseDeltaLinear fwd+bwd (dense and NF4 bases, density 0.1-2%)",
-             f"{_range(_ratios(t, 'reference'))}x vs the dense-delta practice",
-             f"{_range([v['fastpeft'] / v['floor'] for v in t.values() if v.get('floor')])}x the frozen-linear floor",
-             "saves only x for backward")]  # fmt: skip
-
-
-def e2e_qlora(d):
-    runs = d["runs"]
-    fast, peer = runs["fastpeft"], runs.get("peft+bitsandbytes")
-    if not peer:
-        return []
-    gap = max(abs(a - b) for a, b in zip(fast["losses"], peer["losses"]))
-    return [("end-to-end QLoRA training steps (Llama architecture, NF4, LoRA r=16 on all linear layers, "
-             "gradient checkpointing)", f"{fast['tokens_per_s'] / peer['tokens_per_s']:.2f}x the tokens/s of peft+bitsandbytes",
-             f"{fast['tokens_per_s']:.0f} vs {peer['tokens_per_s']:.0f} tokens/s", f"loss curves within {gap:.1e}")]  # fmt: skip
-
-
-def finetune_minilm(d):
-    fast = d["fastpeft"]
-    what = f"main job `--method {d['method']}` (MiniLM, test accuracy {d['accuracy_before']:.0%} -> {fast['accuracy_after']:.0%})"
-    if "speedup_median_step" not in d:
-        return [(what, "no peer", f"median step {fast['median_step_ms']:.0f} ms", "")]
-    return [(what, f"{d['speedup_median_step']:.2f}x the speed of {d['peer']}",
-             f"median step {fast['median_step_ms']:.0f} ms", f"loss curves within {d['max_loss_gap']:.1e}")]  # fmt: skip
-
-
-SUMMARISERS = {
-    "bench_lora": lora, "bench_quant4bit": quant4bit, "bench_ia3": ia3, "bench_adapter": adapter,
-    "bench_sparse_optim": sparse, "bench_prefix_attention": prefix, "bench_multi_lora": multi_lora,
-    "bench_e2e_qlora": e2e_qlora, "bench_sparse_delta": sparse_delta, "finetune_minilm": finetune_minilm,
-}  # fmt: skip
+def load(path: str):
+    """The results document in ``path`` (a main-job file converted), or None if it is neither."""
+    with open(path) as f:
+        data = json.load(f)
+    if "headline" in data and "rows" in data:
+        return data
+    if "method" in data and "fastpeft" in data:
+        return main_job(data)
+    return None
 
 
 def summarise(folder: str) -> str:
-    lines = []
+    """The Markdown table (with a device line) of every results file in ``folder``."""
+    lines, env = [], {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        base = os.path.basename(path)
-        name = next((k for k in SUMMARISERS if base.startswith(k)), None)
-        if name is None:
+        data = load(path)
+        if data is None:
+            print(f"skipped {path}: not in the results schema (benchmarks/migrate_results.py converts old files)",
+                  file=sys.stderr)  # fmt: skip
             continue
-        with open(path) as f:
-            data = json.load(f)
-        for what, a, b, c in SUMMARISERS[name](data):
-            lines.append(f"| {what} | {a} | {b} | {c} | [{base}]({os.path.relpath(path, os.path.dirname(HERE))}) |")
-    env = {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        with open(path) as f:
-            env = json.load(f).get("environment", env) or env
-        if env:
-            break
+        env = env or data.get("environment", {})
+        link = f"[{os.path.basename(path)}]({os.path.relpath(path, os.path.dirname(HERE))})"
+        for what, a, b, c in table_rows(data):
+            lines.append(f"| {what} | {a} | {b} | {c} | {link} |")
     header = [f"Device: {env.get('device', os.path.basename(folder))}; torch {env.get('torch', '?')}.", "",
-              "| what | fastpeft vs peer | second comparison | note | raw |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+              "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]  # fmt: skip
     return "\n".join(header + lines)
 
 

@@ -1,12 +1,33 @@
-"""Each benchmark runs at its smallest size (no result files written), so none of them rots."""
+"""Each benchmark runs at its smallest size and writes its results file (to a temporary folder), so
+none of them rots, and every row it writes follows the one schema of benchmarks/common.py that
+benchmarks/summarize.py reads without code per benchmark."""
 
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import common, summarize  # noqa: E402
+
+QUICK = ["--quick", "--device", "cpu", "--reps", "2"]
+BENCHES = {
+    # file: (arguments, packages it needs, providers every case of its fwd(+bwd) rows must have)
+    "bench_lora": (QUICK, ("bitsandbytes", "peft"), {"fastpeft", "floor", "peft"}),
+    "bench_ia3": (QUICK, ("bitsandbytes", "peft"), {"fastpeft", "floor", "reference"}),
+    "bench_adapter": (QUICK, (), {"fastpeft", "floor"}),
+    "bench_multi_lora": (QUICK, ("peft",), {"fastpeft", "floor", "loop"}),
+    "bench_prefix_attention": (QUICK, (), {"fastpeft", "floor", "sdpa", "peft"}),
+    "bench_quant4bit": (QUICK, ("bitsandbytes",), {"fastpeft", "bitsandbytes", "reference"}),
+    "bench_sparse_delta": (QUICK + ["--densities", "0.01", "0.05"], ("bitsandbytes",), {"fastpeft", "floor", "reference"}),
+    "bench_sparse_optim": (QUICK, (), {"fastpeft", "torch_fused_k", "dense_masked"}),
+    "bench_e2e_qlora": (["--steps", "3", "--seq", "32", "--batch", "2", "--device", "cpu"], ("bitsandbytes", "peft", "transformers"),
+                        {"fastpeft", "peft+bitsandbytes"}),
+}  # fmt: skip
 
 
 def load(name):
@@ -16,47 +37,72 @@ def load(name):
     return module
 
 
-def test_bench_lora_quick():
-    rows, summary = load("bench_lora").main(["--quick", "--no-write", "--device", "cpu", "--reps", "2"])
-    providers = {r["provider"] for r in rows}
-    assert {"floor", "fastpeft", "peft", "reference"} <= providers
-    assert all(r["both_ms"] > 0 for r in rows)
-    assert {s["kind"] for s in summary} == {"dense", "nf4"}
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_bench_writes_the_schema(name, tmp_path, monkeypatch):
+    argv, needs, providers = BENCHES[name]
+    for package in needs:
+        pytest.importorskip(package)
+    module = load(name)
+    assert module.common is common  # one home for the helpers and the schema
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+    rows = module.main(argv)
+    common.check_rows(rows)
+    assert {r["bench"] for r in rows} == {name.removeprefix("bench_")}
+    cases = {(r["case"], r["mode"], r["dtype"]) for r in rows}
+    for key in cases:
+        have = {r["provider"] for r in rows if (r["case"], r["mode"], r["dtype"]) == key}
+        assert providers <= have, (key, have)
+
+    (path,) = tmp_path.rglob(f"{name}*.json")
+    data = json.loads(path.read_text())
+    assert data["bench"] == name.removeprefix("bench_") and data["environment"]["torch"]
+    assert len(data["rows"]) == len(rows)
+    common.check_rows(data["rows"])
+    common.check_headline(data["headline"])
+    table = summarize.table_rows(data)
+    assert len(table) == len(data["headline"]) >= 1
+    for h, (what, *cells) in zip(data["headline"], table):
+        assert [r for r in data["rows"] if summarize._matches(r, h["where"])], h
+        assert what and any(c not in ("", "-") for c in cells), (what, cells)
+    markdown = summarize.summarise(str(path.parent))
+    assert path.name in markdown
 
 
-def test_bench_quant4bit_quick(capsys):
-    load("bench_quant4bit").main(["--quick", "--no-write", "--device", "cpu"])
-    out = capsys.readouterr().out
-    assert "fastpeft" in out and "bitsandbytes" in out
-
-
-def test_bench_e2e_qlora_tiny():
-    pytest.importorskip("peft")
-    summary = load("bench_e2e_qlora").main(["--steps", "3", "--seq", "32", "--batch", "2", "--no-write"])
-    assert summary["max_loss_gap"] < 1e-4 and summary["speedup"] > 0
-
-
-def test_bench_sparse_delta_quick(tmp_path, monkeypatch):
+def test_bench_sparse_delta_checks(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     module = load("bench_sparse_delta")
-    monkeypatch.setattr(module.common, "RESULTS_DIR", str(tmp_path))
-    rows = module.main(["--quick", "--device", "cpu", "--reps", "2", "--densities", "0.01", "0.05"])
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+    rows = module.main(QUICK + ["--densities", "0.01", "0.05", "--no-write"])
     assert {(r["base"], r["mode"], r["provider"]) for r in rows} == {
         (base, mode, provider)
         for base in ("dense", "nf4")
         for mode in ("fwd", "fwd+bwd")
         for provider in ("fastpeft", "reference", "floor")
     }
-    assert all(r["median_ms"] > 0 and r["p20_ms"] <= r["p80_ms"] for r in rows)
     for r in rows:
         if r["provider"] == "fastpeft" and r["mode"] == "fwd+bwd":
             assert r["max_abs_err_y"] < 1e-4 and r["max_abs_err_dvalues"] < 1e-4
             # fastpeft saves x only; the reference also saves the dense W + D (out x in floats).
             assert r["saved_bytes"] == r["tokens"] * r["in_f"] * 4
-            ref = next(q for q in rows if q["provider"] == "reference" and q["mode"] == "fwd+bwd"
-                       and q["base"] == r["base"] and q["density"] == r["density"])  # fmt: skip
+            ref = next(q for q in rows if q["provider"] == "reference" and q["mode"] == r["mode"] and q["case"] == r["case"])
             assert ref["saved_bytes"] >= r["saved_bytes"] + r["in_f"] * r["out_f"] * 4
-    written = list(tmp_path.rglob("bench_sparse_delta_quick_cpu.json"))
-    assert len(written) == 1
-    data = json.loads(written[0].read_text())
-    assert data["environment"]["torch"] and len(data["rows"]) == len(rows)
+    assert not list(tmp_path.rglob("*.json"))  # --no-write
+
+
+def test_bench_e2e_qlora_matches_peft(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+    rows = load("bench_e2e_qlora").main(["--steps", "3", "--seq", "32", "--batch", "2", "--no-write"])
+    fast, peer = rows
+    assert fast["max_loss_gap"] < 1e-4 and fast["tokens_per_s"] > 0 and peer["tokens_per_s"] > 0
+
+
+def test_schema_check_refuses_bad_rows():
+    good = common.make_row("lora", "c", "fwd", "float32", "fastpeft", {"median_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0})
+    common.check_rows([good])
+    for bad in ({**good, "mode": "forward"}, {k: v for k, v in good.items() if k != "case"},
+                {**good, "median_ms": None}, {**good, "p20_ms": 2.5}):  # fmt: skip
+        with pytest.raises(ValueError):
+            common.check_rows([bad])
+    with pytest.raises(ValueError):
+        common.check_rows([good, dict(good)])  # two rows for one (case, mode, dtype, provider)
