@@ -86,6 +86,13 @@ class Quant4bitWeight:
                     "from_bnb: weight has no quant_state; quantize it first (move the Linear4bit to a "
                     "device) or pass quant_state="
                 )
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise ValueError(
+                "from_bnb: bitsandbytes repacked this weight for its AVX512-BF16 CPU kernel (an eval-mode CPU "
+                "forward of the Linear4bit ran without grad): its nibble order and bfloat16 absmax are not the "
+                "standard 4-bit format. Wrap the layer before running it in eval mode (fastpeft's layers switch "
+                "the repack off, Linear4bit.support_avx512bf16_for_cpu = False), or reload the weights."
+            )
         data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
         packed = data.view(torch.uint8).reshape(-1)
         st = quant_state

@@ -25,6 +25,11 @@ from fastpeft.quant import FrozenWeight, Int8Weight, Quant4bitWeight
 
 BASE_KINDS = ("dense", "4bit", "int8")
 
+REPACKED_4BIT = (
+    "bitsandbytes Linear4bit whose weight bitsandbytes repacked for its AVX512-BF16 CPU kernel (an "
+    "eval-mode CPU forward ran on it): another layout with a bfloat16 absmax, not the standard 4-bit format"
+)
+
 
 def is_bnb_linear4bit(module: nn.Module) -> bool:
     """A ``bitsandbytes.nn.Linear4bit``. bitsandbytes is never imported here: a Linear4bit can only
@@ -52,7 +57,11 @@ def base_kind(module: nn.Module) -> str:
 def base_layer_problem(module: nn.Module) -> Optional[str]:
     """Why a fused linear layer cannot wrap ``module`` (None when it can): the bases are
     ``torch.nn.Linear``, bitsandbytes ``Linear4bit`` and bitsandbytes ``Linear8bitLt`` with int8 weights."""
-    if type(module) is nn.Linear or is_bnb_linear4bit(module):
+    if type(module) is nn.Linear:
+        return None
+    if is_bnb_linear4bit(module):
+        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            return REPACKED_4BIT
         return None
     if is_bnb_linear8bit(module):
         if getattr(module.state, "has_fp16_weights", False) or module.weight.dtype != torch.int8:
@@ -69,9 +78,22 @@ def is_supported_base(module: nn.Module) -> bool:
     return base_layer_problem(module) is None
 
 
+def keep_standard_4bit_layout(module: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a Linear4bit's weight for its AVX512-BF16 CPU kernel.
+
+    bitsandbytes 0.50 rewrites the weight in place on the first eval-mode CPU forward whose input
+    needs no grad, when the CPU has AVX512-BF16: another nibble order and the absmax rounded to
+    bfloat16 (double quantization undone), which is lossy and not the layout fastpeft's kernels
+    read. A wrapped base may still run bitsandbytes' own forward (peft's path under
+    ``fastpeft.patch``, a merged layer), so wrapping opts it out of the repack."""
+    if is_bnb_linear4bit(module) and hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+
+
 def check_base_layer(module: nn.Module, owner: str) -> str:
     """Raises TypeError (naming ``owner``, the wrapping class) unless ``module`` can be wrapped;
-    returns its ``base_kind``."""
+    returns its ``base_kind``. A 4-bit base keeps bitsandbytes' standard layout from then on
+    (``keep_standard_4bit_layout``)."""
     if not isinstance(module, nn.Linear):
         raise TypeError(
             f"{owner} wraps torch.nn.Linear, bitsandbytes.nn.Linear4bit or bitsandbytes.nn.Linear8bitLt, got "
@@ -80,6 +102,7 @@ def check_base_layer(module: nn.Module, owner: str) -> str:
     problem = base_layer_problem(module)
     if problem is not None:
         raise TypeError(f"{owner} cannot wrap this layer: {problem}")
+    keep_standard_4bit_layout(module)
     return base_kind(module)
 
 

@@ -46,9 +46,9 @@ def test_dense_base_in_its_own_dtype_and_under_autocast():
         assert y.dtype == torch.bfloat16, name  # as nn.Linear under autocast
 
 
-def linear4bit():
-    layer = bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float32, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(torch.randn(8, 16), requires_grad=False, quant_type="nf4")
+def linear4bit(in_f=16, out_f=8):
+    layer = bnb.nn.Linear4bit(in_f, out_f, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_f, in_f), requires_grad=False, quant_type="nf4")
     return layer.to("cpu")
 
 
@@ -65,3 +65,23 @@ def test_quantized_bases_return_x_dtype_like_bitsandbytes(make_base, x_dtype):
     assert make_base()(x).dtype == x_dtype  # bitsandbytes' own rule
     for name, (layer, call) in layers_on(make_base).items():
         assert call(layer, x).dtype == x_dtype, name
+
+
+def test_wrapping_keeps_the_standard_4bit_layout_and_a_repacked_weight_is_refused():
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel on an eval-mode forward
+    without grad (lossy: bf16 absmax); wrapped bases opt out, and a weight already repacked is
+    refused with a clear error instead of being read wrongly."""
+    from fastpeft.quant import Quant4bitWeight
+
+    base = linear4bit()
+    base.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on such CPUs
+    LoRALinear(base, r=2, lora_alpha=2)
+    assert base.support_avx512bf16_for_cpu is False
+    repacked = linear4bit(128, 64)  # the repacked layout needs whole 32-row blocks
+    repacked.weight.data, repacked.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+        repacked.weight.data, repacked.weight.quant_state
+    )
+    with pytest.raises(ValueError, match="repacked this weight for its AVX512-BF16 CPU kernel"):
+        Quant4bitWeight.from_bnb(repacked.weight)
+    with pytest.raises(TypeError, match="repacked for its AVX512-BF16 CPU kernel"):
+        IA3Linear(repacked, is_feedforward=False)
