@@ -2,7 +2,8 @@
 
 A patched layer keeps its peft modules and parameters; its forward calls ``fastpeft.ops.ia3_linear``
 (through ``fastpeft.nn.ia3.fused_ia3_forward``, the path ``IA3Linear`` runs) with the layer's own
-base layer and ``ia3_l`` vectors.
+base layer and ``ia3_l`` vectors, after the per-forward checks of ``patch.common_forward_problem``
+(else it runs peft's forward).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ def _fusable_types() -> tuple:
     return types_
 
 
-def reason_not_fusable(module) -> str | None:
-    """Why the fused op cannot run this peft (IA)^3 layer, or None if it can."""
-    if not isinstance(module, _fusable_types()):
-        return f"{type(module).__name__} (IA)^3 layers are not fused (only Linear / Linear4bit)"
-    base = module.get_base_layer()
+def _base_reason(module) -> str | None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = module.base_layer
+    if isinstance(base, BaseTunerLayer):
+        return f"base layer is another adapter layer ({type(base).__name__}: mixed adapter types)"
     if getattr(module, "fan_in_fan_out", False) or getattr(module, "is_target_conv_1d_layer", False):
         return f"fan_in_fan_out=True (base layer {type(base).__name__})"
     if not is_supported_base(base):
@@ -43,14 +45,39 @@ def reason_not_fusable(module) -> str | None:
     return None
 
 
+def reason_not_fusable(module) -> str | None:
+    """Why the fused op can never run this peft (IA)^3 layer (its class or base), or None if it can."""
+    if type(module) not in _fusable_types():  # exact: a subclass may compute something else
+        return f"{type(module).__name__} (IA)^3 layers are not fused (only Linear / Linear4bit)"
+    return _base_reason(module)
+
+
+def forward_problem(layer, args=(), kwargs=None):
+    """(active adapters on the layer, None) when the fused op computes what peft's forward would for
+    this call, else (None, reason)."""
+    from fastpeft.integrations.patch import common_forward_problem, present_active_adapters
+
+    reason = common_forward_problem(layer, args, kwargs or {}) or _base_reason(layer)
+    if reason is not None:
+        return None, reason
+    adapters = present_active_adapters(layer, layer.ia3_l)
+    if not adapters:
+        return None, "no active adapter on this layer"
+    return adapters, None
+
+
 def fused_forward(self, x, *args, **kwargs):
     """peft's ``ia3.Linear.forward`` on the fused op: several active adapters multiply their vectors,
     as peft does (the product keeps autograd to each vector)."""
-    adapters = [a for a in self.active_adapters if a in self.ia3_l]
-    # Paths peft handles itself: extra arguments, merged or disabled adapters, no active vector.
-    if args or kwargs or self.disable_adapters or self.merged or not adapters:
+    from fastpeft.integrations.patch import frozen_base, note_fallback, note_fused
+
+    adapters, reason = forward_problem(self, args, kwargs)
+    if reason is not None:
+        note_fallback(self, reason)
         return type(self).forward(self, x, *args, **kwargs)
+    note_fused(self)
     vectors = self.ia3_l[adapters[0]]
     for adapter in adapters[1:]:
         vectors = vectors.flatten() * self.ia3_l[adapter].flatten()
-    return fused_ia3_forward(self.get_base_layer(), vectors, self.is_feedforward, x)
+    base = frozen_base(self.base_layer)
+    return fused_ia3_forward(base, vectors, self.is_feedforward, x, is_4bit=False if base is not self.base_layer else None)
