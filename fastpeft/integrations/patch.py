@@ -92,7 +92,7 @@ def _fsdp1_frozen_view(base: nn.Module, name: str, tensor: torch.Tensor) -> bool
     ``tensor`` is such a view of a parameter that is frozen: FSDP gives it no gradient, so the
     fused op (which gives the base none) trains exactly as peft's forward does."""
     flat = getattr(tensor, "_base", None)
-    if flat is None or type(flat).__name__ != "FlatParameter":
+    if flat is None or not getattr(flat, "_is_flat_param", False):  # FlatParameter instances are plain Parameters
         return False
     infos, params = getattr(flat, "_param_infos", None), getattr(flat, "_params", None)
     if infos is None or params is None:
