@@ -74,13 +74,22 @@ class PatchReport:
 # ---- checks shared by the families -----------------------------------------------------------------
 
 
+def _forward_replaced(module: nn.Module) -> bool:
+    """Whether the instance carries its own ``forward`` other than its class's (accelerate leaves the
+    class's forward, bound, behind when it removes its hook)."""
+    forward = module.__dict__.get("forward")
+    if forward is None:
+        return False
+    return not (getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module)
+
+
 def _has_hooks(module: nn.Module) -> bool:
     from torch.nn.modules import module as torch_module
 
     return bool(
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
         or module._backward_pre_hooks or getattr(module, "_hf_hook", None) is not None
-        or "forward" in module.__dict__  # a wrapped forward (accelerate's add_hook_to_module)
+        or _forward_replaced(module)  # a wrapped forward (accelerate's add_hook_to_module)
         or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
         or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks
     )  # fmt: skip
@@ -327,7 +336,7 @@ def patch(peft_model: nn.Module, warn: bool = True) -> PatchReport:
             if reason:
                 report.skipped[name] = reason
                 continue
-            if "forward" in module.__dict__:  # someone else (accelerate ...) wrapped this layer's forward
+            if _forward_replaced(module):  # someone else (accelerate ...) wrapped this layer's forward
                 report.skipped[name] = "the layer's forward is already replaced (a hook wraps it)"
                 continue
             module.forward = types.MethodType(fused_forward, module)

@@ -316,3 +316,25 @@ def test_conv1d_and_conv2d_bases_are_left_to_peft_with_reasons(method):
     assert_same(patched, reference, x)
     assert_same_state(patched, reference)
 
+
+
+def test_accelerate_hooks_on_the_base_layer_run():
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    x = inputs("linear")
+    patched, reference, _ = twins("linear", lora(["fc1", "fc2"]))
+    calls = []
+
+    class Double(accelerate_hooks.ModelHook):
+        def post_forward(self, module, output):
+            calls.append(module)
+            return output * 2
+
+    for model in (patched, reference):
+        accelerate_hooks.add_hook_to_module(model.base_model.model.fc1.base_layer, Double())
+    assert explain(patched)[P + "fc1"] == "the base layer has hooks (run by peft's forward)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_same(patched, reference, x)
+    assert len(calls) == 2  # once per model
+    accelerate_hooks.remove_hook_from_module(patched.base_model.model.fc1.base_layer)
+    assert explain(patched)[P + "fc1"] is None
