@@ -28,6 +28,7 @@ from collections import Counter
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from fastpeft.integrations import patch_ia3
 from fastpeft.nn.lora import fused_lora_forward, lora_base_problem
@@ -83,16 +84,27 @@ def _forward_replaced(module: nn.Module) -> bool:
     return not (getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    from torch.nn.modules import module as torch_module
+# The per-forward checks below read instance dicts directly: nn.Module.__getattr__ costs about a
+# microsecond a lookup, and a large model runs these checks hundreds of times per step.
 
+
+def _has_hooks(module: nn.Module) -> bool:
+    tm = _torch_module
+    state = module.__dict__
     return bool(
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or module._backward_pre_hooks or getattr(module, "_hf_hook", None) is not None
-        or _forward_replaced(module)  # a wrapped forward (accelerate's add_hook_to_module)
-        or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-        or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks
+        or module._backward_pre_hooks or state.get("_hf_hook") is not None
+        or ("forward" in state and _forward_replaced(module))  # a wrapped forward (accelerate's add_hook_to_module)
+        or tm._global_forward_hooks or tm._global_forward_pre_hooks
+        or tm._global_backward_hooks or tm._global_backward_pre_hooks
     )  # fmt: skip
+
+
+def _tensor(module: nn.Module, name: str):
+    t = module._parameters.get(name)
+    if t is None:  # FSDP1 swaps parameters for plain tensor attributes during forward
+        t = module.__dict__.get(name)
+    return t if isinstance(t, torch.Tensor) else None
 
 
 def _fsdp1_frozen_view(base: nn.Module, name: str, tensor: torch.Tensor) -> bool:
@@ -100,7 +112,7 @@ def _fsdp1_frozen_view(base: nn.Module, name: str, tensor: torch.Tensor) -> bool
     during forward; the views require grad when any parameter of the unit trains. True when
     ``tensor`` is such a view of a parameter that is frozen: FSDP gives it no gradient, so the
     fused op (which gives the base none) trains exactly as peft's forward does."""
-    flat = getattr(tensor, "_base", None)
+    flat = tensor._base
     if flat is None or not getattr(flat, "_is_flat_param", False):  # FlatParameter instances are plain Parameters
         return False
     infos, params = getattr(flat, "_param_infos", None), getattr(flat, "_params", None)
@@ -116,8 +128,8 @@ def base_trains(base: nn.Module):
     """The name of the base layer's tensor that needs a gradient (peft's forward gives it one, the
     fused ops do not), or None."""
     for name in ("weight", "bias"):
-        t = getattr(base, name, None)
-        if isinstance(t, torch.Tensor) and t.requires_grad and not _fsdp1_frozen_view(base, name, t):
+        t = _tensor(base, name)
+        if t is not None and t.requires_grad and not _fsdp1_frozen_view(base, name, t):
             return name
     return None
 
@@ -137,8 +149,8 @@ class _FrozenDenseView:
 def frozen_base(base: nn.Module):
     """``base`` itself when none of its tensors requires grad, else a ``_FrozenDenseView`` of it
     (only reached for FSDP views of frozen parameters: see ``base_trains``)."""
-    w, b = base.weight, base.bias
-    if w.requires_grad or (b is not None and b.requires_grad):
+    w, b = _tensor(base, "weight"), _tensor(base, "bias")
+    if (w is not None and w.requires_grad) or (b is not None and b.requires_grad):
         return _FrozenDenseView(base)
     return base
 
@@ -146,29 +158,42 @@ def frozen_base(base: nn.Module):
 def bnb_cpu_packed(base: nn.Module) -> bool:
     """bitsandbytes' CPU inference path (eval mode, no grad, AVX512-BF16) repacks a 4-bit weight in
     place into its own layout on the first such forward; fastpeft reads the standard layout only."""
-    quant_state = getattr(getattr(base, "weight", None), "quant_state", None)
+    quant_state = getattr(_tensor(base, "weight"), "quant_state", None)
     return bool(getattr(quant_state, "packing_format_for_cpu", False))
 
 
-def common_forward_problem(layer, args: tuple, kwargs: dict):
-    """The per-forward checks every family shares: why peft's forward must run this call (or None)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+def tuner_layer_class() -> type:
+    """peft's ``BaseTunerLayer`` (imported once)."""
+    global _TUNER_LAYER
+    if _TUNER_LAYER is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
+        _TUNER_LAYER = BaseTunerLayer
+    return _TUNER_LAYER
+
+
+_TUNER_LAYER = None
+
+
+def common_forward_problem(layer, args: tuple, kwargs: dict, base=None):
+    """The per-forward checks every family shares: why peft's forward must run this call (or None)."""
     if args or kwargs:
         if "adapter_names" in kwargs:
             return "mixed-adapter batch (adapter_names=)"
         return "extra forward arguments"
-    if layer.disable_adapters:
+    if layer._disable_adapters:
         return "adapters are disabled"
-    if layer.merged:
+    if layer.merged_adapters:
         return "adapters are merged into the base weight"
-    base = layer.base_layer
-    if isinstance(base, BaseTunerLayer):
-        return f"base layer is another adapter layer ({type(base).__name__}: mixed adapter types)"
+    if base is None:
+        base = layer._modules["base_layer"]
+    if type(base) is not nn.Linear:
+        if isinstance(base, tuner_layer_class()):
+            return f"base layer is another adapter layer ({type(base).__name__}: mixed adapter types)"
+        if bnb_cpu_packed(base):
+            return "bitsandbytes repacked the 4-bit weight for its CPU inference kernel (layout fastpeft does not read)"
     if _has_hooks(base):
         return "the base layer has hooks (run by peft's forward)"
-    if bnb_cpu_packed(base):
-        return "bitsandbytes repacked the 4-bit weight for its CPU inference kernel (layout fastpeft does not read)"
     trains = base_trains(base)
     if trains is not None:
         return f"the base layer's {trains} requires grad (unfrozen base): peft's forward gives it its gradient"
@@ -177,7 +202,9 @@ def common_forward_problem(layer, args: tuple, kwargs: dict):
 
 def present_active_adapters(layer, container) -> list:
     """The active adapters that exist on this layer (peft skips the others)."""
-    return [a for a in layer.active_adapters if a in container]
+    active = layer._active_adapter  # peft's active_adapters, without the property
+    return [active] if isinstance(active, str) and active in container else (
+        [] if isinstance(active, str) else [a for a in active if a in container])  # fmt: skip
 
 
 def note_fallback(layer, reason: str) -> None:
@@ -224,10 +251,8 @@ def _reason_not_fusable(module) -> str | None:
 
 
 def _lora_base_reason(module) -> str | None:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     base = module.base_layer
-    if isinstance(base, BaseTunerLayer):
+    if isinstance(base, tuner_layer_class()):
         return f"base layer is another adapter layer ({type(base).__name__}: mixed adapter types)"
     problem = lora_base_problem(base)
     if problem is not None:
@@ -240,13 +265,17 @@ def _lora_base_reason(module) -> str | None:
 def lora_forward_problem(layer, args=(), kwargs=None):
     """(adapter, None) when the fused op computes exactly what peft's forward would for this call,
     else (None, reason)."""
-    reason = common_forward_problem(layer, args, kwargs or {})
+    modules = layer._modules
+    base = modules["base_layer"]
+    reason = common_forward_problem(layer, args, kwargs or {}, base)
     if reason is not None:
         return None, reason
-    reason = _lora_base_reason(layer)  # the base may have been swapped (mixed adapter types)
-    if reason is not None:
-        return None, reason
-    adapters = present_active_adapters(layer, layer.lora_A)
+    if type(base) is not nn.Linear or layer.__dict__.get("fan_in_fan_out", False):
+        reason = _lora_base_reason(layer)  # the base may have been swapped (mixed adapter types)
+        if reason is not None:
+            return None, reason
+    lora_A = modules["lora_A"]._modules
+    adapters = present_active_adapters(layer, lora_A)
     if not adapters:
         return None, "no active adapter on this layer"
     if len(adapters) > 1:
@@ -254,9 +283,10 @@ def lora_forward_problem(layer, args=(), kwargs=None):
     adapter = adapters[0]
     if adapter in layer.lora_variant:
         return None, f"LoRA variant {type(layer.lora_variant[adapter]).__name__} (e.g. DoRA)"
-    if layer.lora_B[adapter].bias is not None or getattr(layer.lora_A[adapter], "bias", None) is not None:
+    if modules["lora_B"]._modules[adapter]._parameters.get("bias") is not None or (
+            lora_A[adapter]._parameters.get("bias") is not None):  # fmt: skip
         return None, "lora_bias=True"
-    dropout = layer.lora_dropout[adapter]
+    dropout = modules["lora_dropout"]._modules[adapter]
     if type(dropout) not in (nn.Dropout, nn.Identity):
         return None, f"dropout module {type(dropout).__name__}"
     return adapter, None

@@ -8,6 +8,8 @@ base layer and ``ia3_l`` vectors, after the per-forward checks of ``patch.common
 
 from __future__ import annotations
 
+from torch import nn
+
 from fastpeft.nn.ia3 import fused_ia3_forward
 from fastpeft.nn.lora import is_supported_base
 
@@ -57,10 +59,16 @@ def forward_problem(layer, args=(), kwargs=None):
     this call, else (None, reason)."""
     from fastpeft.integrations.patch import common_forward_problem, present_active_adapters
 
-    reason = common_forward_problem(layer, args, kwargs or {}) or _base_reason(layer)
+    modules = layer._modules
+    base = modules["base_layer"]
+    reason = common_forward_problem(layer, args, kwargs or {}, base)
+    if reason is None:
+        state = layer.__dict__
+        if type(base) is not nn.Linear or state.get("fan_in_fan_out") or state.get("is_target_conv_1d_layer"):
+            reason = _base_reason(layer)
     if reason is not None:
         return None, reason
-    adapters = present_active_adapters(layer, layer.ia3_l)
+    adapters = present_active_adapters(layer, modules["ia3_l"])
     if not adapters:
         return None, "no active adapter on this layer"
     return adapters, None
