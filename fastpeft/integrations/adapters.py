@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastpeft.nn.frozen_base import frozen_base
 from fastpeft.nn.ia3 import IA3Linear, fused_ia3_forward
 from fastpeft.nn.lora import LoRALinear, fused_lora_forward, is_bnb_linear4bit, lora_base_problem
 
@@ -175,8 +176,10 @@ class MultiLoRALinear(_MultiAdapterLayer):
         first = adapters[0]
         dropout = self.lora_dropout[first]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        out = fused_lora_forward(self.base_layer, self.lora_A[first].weight, self.lora_B[first].weight,
-                                 self.scaling[first], p, x)  # fmt: skip
+        base = frozen_base(self.base_layer)  # FSDP1 hands the frozen base in as views that require grad
+        kind = "dense" if base is not self.base_layer else None
+        out = fused_lora_forward(base, self.lora_A[first].weight, self.lora_B[first].weight, self.scaling[first], p, x,
+                                 kind)  # fmt: skip
         for name in adapters[1:]:
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             delta = lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))) * self.scaling[name]
@@ -238,7 +241,8 @@ class MultiIA3Linear(_MultiAdapterLayer):
                 return self.base_layer((x.to(vectors.dtype) * vectors).to(x.dtype))
             out = self.base_layer(x)
             return (out * vectors).to(out.dtype)
-        return fused_ia3_forward(self.base_layer, vectors, self.is_feedforward, x)
+        base = frozen_base(self.base_layer)
+        return fused_ia3_forward(base, vectors, self.is_feedforward, x, is_4bit=False if base is not self.base_layer else None)
 
     def extra_repr(self) -> str:
         side = "feedforward (input)" if self.is_feedforward else "output"

@@ -31,6 +31,8 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from fastpeft.integrations import patch_ia3
+from fastpeft.nn import frozen_base as _frozen
+from fastpeft.nn.frozen_base import frozen_base  # noqa: F401  (patch_ia3 and the fused forwards use it)
 from fastpeft.nn.lora import fused_lora_forward, lora_base_problem
 
 _MARK = "_fastpeft_patched"
@@ -100,65 +102,16 @@ def _has_hooks(module: nn.Module) -> bool:
     )  # fmt: skip
 
 
-def _tensor(module: nn.Module, name: str):
-    t = module._parameters.get(name)
-    if t is None:  # FSDP1 swaps parameters for plain tensor attributes during forward
-        t = module.__dict__.get(name)
-    return t if isinstance(t, torch.Tensor) else None
-
-
-def _fsdp1_frozen_view(base: nn.Module, name: str, tensor: torch.Tensor) -> bool:
-    """FSDP1 (``use_orig_params=True``) swaps a unit's parameters for views of one flat parameter
-    during forward; the views require grad when any parameter of the unit trains. True when
-    ``tensor`` is such a view of a parameter that is frozen: FSDP gives it no gradient, so the
-    fused op (which gives the base none) trains exactly as peft's forward does."""
-    flat = tensor._base
-    if flat is None or not getattr(flat, "_is_flat_param", False):  # FlatParameter instances are plain Parameters
-        return False
-    infos, params = getattr(flat, "_param_infos", None), getattr(flat, "_params", None)
-    if infos is None or params is None:
-        return False
-    for info, param in zip(infos, params):
-        if info.module is base and info.param_name == name:
-            return not param.requires_grad
-    return False
-
-
 def base_trains(base: nn.Module):
     """The name of the base layer's tensor that needs a gradient (peft's forward gives it one, the
-    fused ops do not), or None."""
-    for name in ("weight", "bias"):
-        t = _tensor(base, name)
-        if t is not None and t.requires_grad and not _fsdp1_frozen_view(base, name, t):
-            return name
-    return None
-
-
-class _FrozenDenseView:
-    """A dense base layer's weight and bias, detached: what the fused ops get when the base's
-    tensors require grad only as FSDP views of frozen parameters (the ops refuse, or ignore, a base
-    that requires grad)."""
-
-    __slots__ = ("weight", "bias")
-
-    def __init__(self, base):
-        self.weight = base.weight.detach()
-        self.bias = None if base.bias is None else base.bias.detach()
-
-
-def frozen_base(base: nn.Module):
-    """``base`` itself when none of its tensors requires grad, else a ``_FrozenDenseView`` of it
-    (only reached for FSDP views of frozen parameters: see ``base_trains``)."""
-    w, b = _tensor(base, "weight"), _tensor(base, "bias")
-    if (w is not None and w.requires_grad) or (b is not None and b.requires_grad):
-        return _FrozenDenseView(base)
-    return base
+    fused ops do not), or None. FSDP1 views of frozen parameters do not count."""
+    return _frozen.trainable_base_tensor(base)
 
 
 def bnb_cpu_packed(base: nn.Module) -> bool:
     """bitsandbytes' CPU inference path (eval mode, no grad, AVX512-BF16) repacks a 4-bit weight in
     place into its own layout on the first such forward; fastpeft reads the standard layout only."""
-    quant_state = getattr(_tensor(base, "weight"), "quant_state", None)
+    quant_state = getattr(_frozen.tensor_of(base, "weight"), "quant_state", None)
     return bool(getattr(quant_state, "packing_format_for_cpu", False))
 
 

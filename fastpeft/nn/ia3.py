@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from fastpeft.nn.frozen_base import frozen_base
 from fastpeft.nn.lora import compute_dtype
 from fastpeft.ops.ia3 import ia3_linear
 from fastpeft.quant import Quant4bitWeight
@@ -143,7 +144,8 @@ class IA3Linear(nn.Module):
             return self.base_layer(x)
         if self.num_tasks is not None and self.num_tasks > 1 and task_ids is None:
             raise ValueError(f"this layer holds {self.num_tasks} task vectors: pass task_ids ([batch] task per example)")
-        return fused_ia3_forward(self.base_layer, self.vectors, self.is_feedforward, x, task_ids, self.is_4bit)
+        # frozen_base: FSDP1 hands the frozen base in as views that require grad.
+        return fused_ia3_forward(frozen_base(self.base_layer), self.vectors, self.is_feedforward, x, task_ids, self.is_4bit)
 
     # ---- merge -----------------------------------------------------------------------------------
 

@@ -15,6 +15,8 @@ pytest.importorskip("peft")
 STEPS = 2
 LR = 0.1
 CASES = [("lora", "fsdp1"), ("lora", "fsdp2"), ("ia3", "fsdp1"), ("ia3", "fsdp2")]
+# fastpeft.get_peft_model models (names without the adapter name), one adapter and two (peft's layout)
+FAST_CASES = [("lora", "fsdp1", 1), ("ia3", "fsdp1", 1), ("lora", "fsdp1", 2), ("ia3", "fsdp1", 2), ("ia3", "fsdp2", 2)]
 
 
 def _free_port() -> int:
@@ -23,18 +25,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _config(method):
+    import peft
+
+    if method == "lora":
+        return peft.LoraConfig(target_modules=["fc1", "fc2"], r=4, lora_alpha=8)
+    return peft.IA3Config(target_modules=["fc1", "fc2"], feedforward_modules=["fc2"])
+
+
 def _peft_model(method):
     import peft
 
     from tests.integrations.lifecycle_helpers import make_model, randomize
 
-    if method == "lora":
-        config = peft.LoraConfig(target_modules=["fc1", "fc2"], r=4, lora_alpha=8)
-    else:
-        config = peft.IA3Config(target_modules=["fc1", "fc2"], feedforward_modules=["fc2"])
-    model = peft.get_peft_model(make_model("linear"), config)
+    model = peft.get_peft_model(make_model("linear"), _config(method))
     randomize(model, "default")
     return model
+
+
+def _fast_model(method, n_adapters):
+    """fastpeft.get_peft_model with peft's weights for "default" (and a second, inactive adapter)."""
+    import fastpeft
+
+    from tests.integrations.lifecycle_helpers import make_model
+
+    model = fastpeft.get_peft_model(make_model("linear"), _config(method))
+    if n_adapters == 2:
+        model.add_adapter("other", _config(method))
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in _peft_model(method).named_parameters():
+            if "lora_" in name or "ia3_l" in name:
+                own[name if n_adapters == 2 else name.replace(".default", "")].copy_(p)
+    return model
+
+
+def _normalized(weights):
+    return {n.replace(".default", ""): w for n, w in weights.items() if ".other" not in n}
 
 
 def _batches():
@@ -84,6 +111,23 @@ def _worker(rank, world, port, out_path):
             # The reason the latest forward of each patched layer took peft's path (None: fused).
             reasons = {n: m.__dict__.get("_fastpeft_reason") for n, m in model.named_modules() if getattr(m, "_fastpeft_patched", False)}
             results[(method, mode)] = (weights, reasons)
+        for method, mode, n_adapters in FAST_CASES:
+            model = _fast_model(method, n_adapters)
+            if mode == "fsdp1":
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+                wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+                _train(wrapped, _batches(), rank, world)
+                with FSDP.summon_full_params(wrapped):
+                    weights = _adapter(model.named_parameters())
+            else:
+                from torch.distributed.fsdp import fully_shard
+                from torch.distributed.tensor import DTensor
+
+                wrapped = fully_shard(model)
+                _train(wrapped, _batches(), rank, world)
+                weights = _adapter((n, p.full_tensor() if isinstance(p, DTensor) else p) for n, p in model.named_parameters())
+            results[("fast", method, mode, n_adapters)] = (_normalized(weights), None)
         if rank == 0:
             torch.save(results, out_path)
     finally:
@@ -101,8 +145,11 @@ def test_patched_models_train_like_peft_under_fsdp(tmp_path):
     out = str(tmp_path / "results.pt")
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     results = torch.load(out)
-    for (method, mode), (weights, reasons) in results.items():
-        assert set(weights) == set(expected[method]) and weights, (method, mode)
-        for name, value in expected[method].items():
-            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{method} {mode} {name}")
-        assert len(reasons) == 2 and all(r is None for r in reasons.values()), (method, mode, reasons)
+    for case, (weights, reasons) in results.items():
+        method = case[1] if case[0] == "fast" else case[0]
+        reference = _normalized(expected[method]) if case[0] == "fast" else expected[method]
+        assert set(weights) == set(reference) and weights, case
+        for name, value in reference.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{case} {name}")
+        if reasons is not None:
+            assert len(reasons) == 2 and all(r is None for r in reasons.values()), (case, reasons)
