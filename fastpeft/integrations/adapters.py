@@ -1,8 +1,9 @@
 """Several named adapters in one ``FastPeftModel``: peft's adapter lifecycle for LoRA and (IA)^3.
 
 A model from ``fastpeft.get_peft_model`` starts with one adapter per layer (``LoRALinear`` /
-``IA3Linear``, parameters ``<path>.lora_A.weight``). The first lifecycle call (``add_adapter``,
-``set_adapter``, ``disable_adapter``, ``merge_adapter`` ...) turns each of them into a
+``IA3Linear``, parameters ``<path>.lora_A.weight``); ``set_adapter``, ``disable_adapter``,
+``merge_adapter`` ... work on those through ``SingleAdapterView``. The first ``add_adapter`` (or
+``delete_adapter``) turns each of them into a
 ``MultiLoRALinear`` / ``MultiIA3Linear`` that holds adapters by name exactly as peft's layers do
 (``<path>.lora_A.<adapter>.weight``, ``<path>.ia3_l.<adapter>``), keeping the same parameter
 objects, so optimizers keep working and names, state_dicts and checkpoints match peft's.
@@ -249,6 +250,86 @@ class MultiIA3Linear(_MultiAdapterLayer):
         return f"{side}, adapters={self.adapter_names()}, active={self.active_adapters}"
 
 
+_DISABLED = "_fastpeft_adapter_disabled"
+
+
+class SingleAdapterView:
+    """peft's per-layer lifecycle interface (the one the multi-adapter layers have) over a
+    single-adapter ``LoRALinear`` / ``IA3Linear`` whose adapter is called ``name``, without changing
+    the module (its parameter names stay ``lora_A.weight``). Disabling marks the layer merged, which
+    makes its forward run the base alone; a layer merged for real is unmerged first, as peft's
+    disabled forward does."""
+
+    def __init__(self, layer: nn.Module, name: str, active: list):
+        self.layer = layer
+        self.name = name
+        self.active = list(active)
+
+    @property
+    def base_layer(self) -> nn.Module:
+        """The wrapped frozen layer."""
+        return self.layer.base_layer
+
+    @property
+    def disabled(self) -> bool:
+        """Whether adapters are disabled on this layer (it runs the base alone)."""
+        return bool(self.layer.__dict__.get(_DISABLED, False))
+
+    @property
+    def merged_adapters(self) -> list:
+        """``[name]`` while the adapter is merged into the base weight, else ``[]``."""
+        return [self.name] if self.layer.merged and not self.disabled else []
+
+    def adapter_parameters(self, name: str) -> list:
+        """The adapter's parameters if ``name`` is this layer's adapter, else ``[]``."""
+        if name != self.name:
+            return []
+        if isinstance(self.layer, LoRALinear):
+            return [self.layer.lora_A.weight, self.layer.lora_B.weight]
+        return [self.layer.ia3_l]
+
+    def set_adapter(self, names: list, inference_mode: bool = False) -> None:
+        """peft's ``set_adapter`` on this layer."""
+        for p in self.adapter_parameters(self.name):
+            p.requires_grad_(self.name in names and not inference_mode)
+        self.active = list(names)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """peft's ``enable_adapters`` on this layer."""
+        state = self.layer.__dict__
+        if enabled:
+            if state.pop(_DISABLED, False):
+                self.layer.merged = False
+            self.set_adapter(self.active)
+            return
+        if not self.disabled:
+            if self.layer.merged:
+                self.layer.unmerge()
+            self.layer.merged = True  # forward: the base layer alone
+            state[_DISABLED] = True
+        for p in self.adapter_parameters(self.name):
+            p.requires_grad_(False)
+
+    def merge(self, adapter_names: Optional[list] = None) -> None:
+        """Fold the adapter into the dense base weight if it is among ``adapter_names`` (default: the
+        active adapters); nothing while adapters are disabled."""
+        names = self.active if adapter_names is None else adapter_names
+        if self.name in names and not self.disabled:
+            self.layer.merge()
+
+    def unmerge(self) -> None:
+        """Take the adapter out of the base weight again (nothing while adapters are disabled: the
+        layer was unmerged when they were)."""
+        if not self.disabled:
+            self.layer.unmerge()
+
+
+def single_views(model: nn.Module, peft_type: str, name: str, active: list) -> list:
+    """A ``SingleAdapterView`` of every single-adapter layer of ``model``."""
+    single = LoRALinear if peft_type == "LORA" else IA3Linear
+    return [SingleAdapterView(m, name, active) for m in model.modules() if type(m) is single]
+
+
 MULTI_TYPES = (MultiLoRALinear, MultiIA3Linear)
 PREFIXES = {"LORA": "lora_", "IA3": "ia3_"}
 
@@ -269,8 +350,10 @@ def to_multi(model: nn.Module, peft_type: str, adapter_name: str) -> None:
     single = LoRALinear if peft_type == "LORA" else IA3Linear
     layers = [(n, m) for n, m in model.named_modules() if type(m) is single]
     for name, layer in layers:
+        if layer.__dict__.get(_DISABLED, False):
+            raise ValueError("cannot add or delete adapters while adapters are disabled (inside disable_adapter())")
         if layer.merged:
-            raise ValueError(f"{name} is merged (merge_and_unload); unmerge it before using several adapters")
+            raise ValueError(f"{name} is merged; call unmerge_adapter() before adding or deleting adapters")
         if peft_type == "LORA":
             multi = MultiLoRALinear(layer.base_layer)
         else:

@@ -258,16 +258,20 @@ class FastPeftModel(nn.Module):
 
     # ---- several adapters (LoRA, (IA)^3) ------------------------------------------------------------
 
-    def _lifecycle(self, what: str) -> list:
-        """The multi-adapter layers, converting the single-adapter layers on first use."""
+    def _lifecycle(self, what: str, several: bool = False) -> list:
+        """The adapter layers, each with peft's per-layer lifecycle interface: the multi-adapter
+        layers, or views of the single-adapter ones (whose parameter names then stay as they are).
+        ``several``: the call needs the multi-adapter layout (add / delete): convert to it."""
         if self.peft_type not in _adapters.PREFIXES:
             raise NotImplementedError(
                 f"{what} is implemented for LoRA and (IA)^3 adapters; this model's method is {self.peft_type}. "
                 "Use peft for it."
             )
-        if not self._multi:
+        if not self._multi and several:
             _adapters.to_multi(self.base_model.model, self.peft_type, next(iter(self._configs)))
             self._multi = True
+        if not self._multi:
+            return _adapters.single_views(self.base_model.model, self.peft_type, next(iter(self._configs)), self._active)
         return [layer for _, layer in _adapters.multi_layers(self.base_model.model)]
 
     def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False) -> None:
@@ -283,7 +287,7 @@ class FastPeftModel(nn.Module):
             )
         if adapter_name in self._configs:
             raise ValueError(f"an adapter named {adapter_name!r} exists already")
-        self._lifecycle("add_adapter")
+        self._lifecycle("add_adapter", several=True)
         config = _with_task_defaults(peft_config)
         _adapters.add_adapter(self.base_model.model, self.peft_type, adapter_name, config)
         self._configs[adapter_name] = config
@@ -312,7 +316,7 @@ class FastPeftModel(nn.Module):
         """Remove an adapter (not while it is merged). If it was active, the first remaining adapter
         in sorted order becomes active, as in peft."""
         self._adapter_name(adapter_name)
-        layers = self._lifecycle("delete_adapter")
+        layers = self._lifecycle("delete_adapter", several=True)
         if any(adapter_name in layer.merged_adapters for layer in layers):
             raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() first")
         for layer in layers:
