@@ -236,8 +236,10 @@ def lora_forward_problem(layer, args=(), kwargs=None):
     adapter = adapters[0]
     if adapter in layer.lora_variant:
         return None, f"LoRA variant {type(layer.lora_variant[adapter]).__name__} (e.g. DoRA)"
-    if modules["lora_B"]._modules[adapter]._parameters.get("bias") is not None or (
-            lora_A[adapter]._parameters.get("bias") is not None):  # fmt: skip
+    down, up = lora_A[adapter], modules["lora_B"]._modules[adapter]
+    if type(down) is not nn.Linear or type(up) is not nn.Linear:
+        return None, f"LoRA factors {type(down).__name__} / {type(up).__name__} (not nn.Linear)"
+    if up._parameters.get("bias") is not None or down._parameters.get("bias") is not None:
         return None, "lora_bias=True"
     dropout = modules["lora_dropout"]._modules[adapter]
     if type(dropout) not in (nn.Dropout, nn.Identity):
