@@ -26,7 +26,6 @@ import types
 import warnings
 from collections import Counter
 
-import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 

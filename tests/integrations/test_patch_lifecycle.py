@@ -14,7 +14,6 @@ pytest.importorskip("transformers")
 import fastpeft  # noqa: E402
 from fastpeft.integrations.patch import explain  # noqa: E402
 from tests.integrations.lifecycle_helpers import (  # noqa: E402
-    TOL,
     assert_same,
     assert_same_state,
     fastpeft_ops,
