@@ -239,9 +239,18 @@ class FastPeftModel(nn.Module):
 
     # ---- unloading ---------------------------------------------------------------------------------
 
-    def merge_and_unload(self, adapter_names=None) -> nn.Module:
+    def get_base_model(self) -> nn.Module:
+        """The adapted transformers model (``base_model.model``), as peft's ``get_base_model``."""
+        return self.base_model.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         """Fold the active adapters (or ``adapter_names``) into the (dense) base weights and return the
-        plain transformers model."""
+        plain transformers model. ``safe_merge`` first checks the adapters hold only finite values
+        (``progressbar`` is accepted for peft's signature)."""
+        if safe_merge:
+            for name, tensor in self.adapter_state_dict().items():
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(f"NaNs detected in {name}; nothing was merged")
         if self._multi:
             return _adapters.unload(self.base_model.model, merge=True, adapter_names=adapter_names)
         if self._injection.merge_and_unload is None:
