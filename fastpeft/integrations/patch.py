@@ -11,9 +11,11 @@ disable or delete adapters at any time), the kind of each (DoRA, ``lora_bias`` .
 arguments (``adapter_names=`` mixed batches), hooks on the base layer (accelerate's live there) and
 whether the base weight needs a gradient. When it does not, the layer runs peft's own forward
 (``type(layer).forward``), so a patched model never computes anything peft would not. The check is
-a handful of attribute reads. Layers of classes the fused ops cannot run at all keep peft's forward
-untouched. Every layer on peft's path is reported with its reason (in the returned report, and as a
-warning; at forward time, once per reason, as a warning too).
+a handful of dict reads (about 3 us a layer call on the CPU). Layers of classes the fused ops cannot
+run at all keep peft's forward untouched. Every layer on peft's path is reported with its reason
+(in the returned report, and as a warning; at forward time as a warning too, once per layer and
+reason, and in ``explain(model)``). FSDP1 (``use_orig_params=True``) hands a frozen base in as
+flat-parameter views that require grad; those still run fused (see ``fastpeft.nn.frozen_base``).
 
 Each family is (peft layer class, static reason, per-forward reason, fused forward): LoRA's lives
 here, (IA)^3's in ``patch_ia3``.
