@@ -7,13 +7,16 @@ checkpoints are interchangeable with peft's.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
+import os
 
 import torch
 from torch import nn
 
+from fastpeft.integrations import adapters as _adapters
 from fastpeft.integrations import checkpoint
 from fastpeft.integrations import lora as _lora  # noqa: F401  (registers the method)
 from fastpeft.integrations import adapter as _adapter  # noqa: F401  (registers the method)
@@ -39,27 +42,89 @@ def _modules_to_save(model: nn.Module, targets) -> list:
 class _TunerModel(nn.Module):
     """Holds the adapted model as ``.model``: parameter names read ``base_model.model.<path>``."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, prefix=None):
         super().__init__()
         self.model = model
+        self.prefix = prefix
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
 
+class PeftConfigs(dict):
+    """Adapter name -> config, as peft's ``PeftModel.peft_config``; attribute access reads the active
+    adapter's config (``model.peft_config.target_modules``), as fastpeft's single config did."""
+
+    def __init__(self, configs: dict, owner_active):
+        super().__init__(configs)
+        object.__setattr__(self, "_owner_active", owner_active)
+
+    def _config(self):
+        active = self._owner_active()
+        return self[active] if active in self else next(iter(self.values()))
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._config(), name)
+
+    def __setattr__(self, name, value):
+        setattr(self._config(), name, value)
+
+    def __reduce__(self):  # pickles / deep-copies as a plain dict of configs
+        return (dict, (dict(self),))
+
+
 class FastPeftModel(nn.Module):
     """A transformers model with fastpeft adapters, laid out and saved like peft's PeftModel.
 
-    Attribute access falls through to the wrapped model (``config``, ``generate`` ...).
+    Attribute access falls through to the wrapped model (``config``, ``generate`` ...). For LoRA and
+    (IA)^3 it has peft's adapter lifecycle: ``add_adapter``, ``set_adapter``, ``delete_adapter``,
+    ``disable_adapter()``, ``merge_adapter`` / ``unmerge_adapter``, ``active_adapters`` (see
+    ``fastpeft.integrations.adapters``); other methods raise NotImplementedError for those.
     """
 
-    def __init__(self, model: nn.Module, peft_config, injection: Injection):
+    def __init__(self, model: nn.Module, peft_config, injection: Injection, adapter_name: str = "default"):
         super().__init__()
-        self.base_model = _TunerModel(model)
-        self.peft_config = peft_config
+        peft_type = peft_type_of(peft_config)
+        self.base_model = _TunerModel(model, _adapters.PREFIXES.get(peft_type))
+        self._active = [adapter_name]
+        self._configs = {adapter_name: peft_config}
         self._injection = injection
+        self._multi = False  # layers converted to the named multi-adapter layout
+        self._modules_to_save_names = []
         for name, module in injection.owned_modules.items():
             self.add_module(name, module)
+
+    @property
+    def peft_config(self) -> PeftConfigs:
+        """Adapter name -> config (peft's ``peft_config``); attributes read the active adapter's config."""
+        return PeftConfigs(self._configs, lambda: self.active_adapter)
+
+    @property
+    def peft_type(self) -> str:
+        """The method's ``peft_type`` ("LORA", "IA3", ...)."""
+        return peft_type_of(next(iter(self._configs.values())))
+
+    @property
+    def prefix(self):
+        """The prefix of this method's parameter names, as peft's tuner has it ("lora_", "ia3_"; None for others)."""
+        return _adapters.PREFIXES.get(self.peft_type)
+
+    @property
+    def active_adapters(self) -> list:
+        """The names of the active adapters."""
+        return list(self._active)
+
+    @property
+    def active_adapter(self):
+        """The active adapter's name (a list when several are active), as peft's ``active_adapter``."""
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def active_peft_config(self):
+        """The active adapter's config."""
+        return self._configs[self._active[0]]
 
     def __getattr__(self, name):
         try:
@@ -75,13 +140,30 @@ class FastPeftModel(nn.Module):
 
     # ---- parameters --------------------------------------------------------------------------------
 
-    def adapter_state_dict(self) -> dict:
-        """The adapter's tensors under peft's checkpoint keys (``base_model.model.<path>...`` for
-        module adapters, ``prompt_embeddings`` for prompt learning), as live parameter views."""
+    def adapter_state_dict(self, adapter_name=None) -> dict:
+        """An adapter's tensors (default: the active one's) under peft's checkpoint keys
+        (``base_model.model.<path>...`` for module adapters, ``prompt_embeddings`` for prompt
+        learning), as live parameter views."""
+        name = self._adapter_name(adapter_name)
+        if self._multi:
+            params = dict(self.base_model.model.named_parameters())
+            tensors = _adapters.adapter_tensors(self.base_model.model, name)
+            if name == next(iter(self._configs)):  # the first adapter's modules_to_save
+                tensors.update({n: params[n] for n in self._modules_to_save_names})
+            return {checkpoint.PEFT_PREFIX + n: t for n, t in tensors.items()}
         if self._injection.state_dict is not None:
             return self._injection.state_dict()
         params = dict(self.base_model.model.named_parameters())
         return {checkpoint.PEFT_PREFIX + n: params[n] for n in self._injection.parameter_names}
+
+    def _adapter_name(self, adapter_name=None) -> str:
+        if adapter_name is None:
+            if not self._active:
+                raise ValueError("this model has no active adapter; pass adapter_name")
+            return self._active[0]
+        if adapter_name not in self._configs:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(self._configs)}")
+        return adapter_name
 
     def get_nb_trainable_parameters(self) -> tuple:
         """(trainable, all) parameter counts; a 4-bit weight counts its unpacked elements, as peft does."""
@@ -103,40 +185,195 @@ class FastPeftModel(nn.Module):
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str) -> None:
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True, selected_adapters=None,
+                        is_main_process: bool = True) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as peft does (atomically);
         ``peft.PeftModel.from_pretrained`` loads them. As peft does, the saved config says
-        ``inference_mode=True`` (P-tuning / prefix-projection checkpoints load only that way)."""
-        config = copy.copy(self.peft_config)
-        if hasattr(config, "inference_mode"):
-            config.inference_mode = True
-        checkpoint.save_adapter(save_directory, config, self.adapter_state_dict())
+        ``inference_mode=True`` (P-tuning / prefix-projection checkpoints load only that way), each
+        adapter of ``selected_adapters`` (default: all) goes to ``save_directory`` if it is named
+        "default", else to ``save_directory/<name>``, ``safe_serialization=False`` writes peft's
+        ``adapter_model.bin`` (a pickle: fastpeft itself loads safetensors only), and only the main
+        process writes."""
+        if not is_main_process:
+            return
+        names = list(self._configs) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._adapter_name(name)
+        for name in names:
+            config = copy.copy(self._configs[name])
+            if hasattr(config, "inference_mode"):
+                config.inference_mode = True
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            tensors = self.adapter_state_dict(name)
+            if safe_serialization:
+                checkpoint.save_adapter(directory, config, tensors)
+            else:
+                _save_adapter_bin(directory, config, tensors)
 
-    def load_adapter(self, directory: str) -> None:
-        """Load adapter weights saved by fastpeft or peft. Nothing changes unless all of them fit."""
-        self._assign_adapter(checkpoint.load_tensors(directory), directory)
+    def load_adapter(self, directory: str, adapter_name=None, is_trainable: bool = False) -> None:
+        """Load adapter weights saved by fastpeft or peft into the active adapter, or into
+        ``adapter_name`` (added from the saved config if this model lacks it; LoRA and (IA)^3; a new
+        adapter stays frozen unless ``is_trainable``). Nothing changes unless all weights fit."""
+        tensors = checkpoint.load_tensors(directory)
+        if adapter_name is not None and adapter_name not in self._configs:
+            self.add_adapter(adapter_name, checkpoint.load_config(directory))
+            try:
+                self._assign_adapter(tensors, directory, adapter_name)
+            except checkpoint.CheckpointError:
+                self.delete_adapter(adapter_name)
+                raise
+            if is_trainable:
+                self.set_requires_grad(adapter_name, True)
+            return
+        self._assign_adapter(tensors, directory, adapter_name)
 
     @torch.no_grad()
-    def _assign_adapter(self, tensors: dict, source: str = "the given state dict") -> None:
-        if self._injection.load_state_dict is not None:
+    def _assign_adapter(self, tensors: dict, source: str = "the given state dict", adapter_name=None) -> None:
+        if self._injection.load_state_dict is not None and not self._multi:
             self._injection.load_state_dict(tensors)
             return
-        own = self.adapter_state_dict()
+        own = self.adapter_state_dict(adapter_name)
         checkpoint.check_tensors(tensors, own, source)
         for key, value in tensors.items():
             own[key].copy_(value.to(own[key].dtype))
 
     # ---- unloading ---------------------------------------------------------------------------------
 
-    def merge_and_unload(self) -> nn.Module:
-        """Fold the adapters into the (dense) base weights and return the plain transformers model."""
+    def get_base_model(self) -> nn.Module:
+        """The adapted transformers model (``base_model.model``), as peft's ``get_base_model``."""
+        return self.base_model.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """Fold the active adapters (or ``adapter_names``) into the (dense) base weights and return the
+        plain transformers model. ``safe_merge`` first checks the adapters hold only finite values
+        (``progressbar`` is accepted for peft's signature)."""
+        if safe_merge:
+            for name, tensor in self.adapter_state_dict().items():
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(f"NaNs detected in {name}; nothing was merged")
+        if self._multi:
+            return _adapters.unload(self.base_model.model, merge=True, adapter_names=adapter_names)
         if self._injection.merge_and_unload is None:
-            raise NotImplementedError(f"{peft_type_of(self.peft_config)} adapters cannot be merged into the base weights")
+            raise NotImplementedError(f"{self.peft_type} adapters cannot be merged into the base weights")
+        for name in adapter_names or []:
+            self._adapter_name(name)
         return self._injection.merge_and_unload()
 
     def unload(self) -> nn.Module:
         """Remove the adapters without merging and return the plain transformers model."""
+        if self._multi:
+            return _adapters.unload(self.base_model.model, merge=False)
         return self._injection.unload()
+
+    # ---- several adapters (LoRA, (IA)^3) ------------------------------------------------------------
+
+    def _lifecycle(self, what: str, several: bool = False) -> list:
+        """The adapter layers, each with peft's per-layer lifecycle interface: the multi-adapter
+        layers, or views of the single-adapter ones (whose parameter names then stay as they are).
+        ``several``: the call needs the multi-adapter layout (add / delete): convert to it."""
+        if self.peft_type not in _adapters.PREFIXES:
+            raise NotImplementedError(
+                f"{what} is implemented for LoRA and (IA)^3 adapters; this model's method is {self.peft_type}. "
+                "Use peft for it."
+            )
+        if not self._multi and several:
+            _adapters.to_multi(self.base_model.model, self.peft_type, next(iter(self._configs)))
+            self._multi = True
+        if not self._multi:
+            return _adapters.single_views(self.base_model.model, self.peft_type, next(iter(self._configs)), self._active)
+        return [layer for _, layer in _adapters.multi_layers(self.base_model.model)]
+
+    def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False) -> None:
+        """Add an adapter of the same method from ``peft_config`` to the modules it targets (peft's
+        target rules). As in peft, the new adapter is neither active nor trainable until
+        ``set_adapter``. Validates everything before changing the model."""
+        if low_cpu_mem_usage:
+            raise NotImplementedError("fastpeft's add_adapter does not implement low_cpu_mem_usage=True")
+        if peft_type_of(peft_config) != self.peft_type:
+            raise ValueError(
+                f"Cannot combine adapters with different peft types: this model has {self.peft_type}, got "
+                f"{peft_type_of(peft_config)}"
+            )
+        if adapter_name in self._configs:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already")
+        self._lifecycle("add_adapter", several=True)
+        config = _with_task_defaults(peft_config)
+        _adapters.add_adapter(self.base_model.model, self.peft_type, adapter_name, config)
+        self._configs[adapter_name] = config
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (or a list of names) the active adapter(s): they train (unless
+        ``inference_mode``), every other adapter is frozen, as in peft."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._adapter_name(name)
+        for layer in self._lifecycle("set_adapter"):
+            layer.set_adapter(names, inference_mode)
+        self._active = names
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the given adapter(s), as peft's ``set_requires_grad``."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._adapter_name(name)
+        for layer in self._lifecycle("set_requires_grad"):
+            for name in names:
+                for p in layer.adapter_parameters(name):
+                    p.requires_grad_(requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (not while it is merged). If it was active, the first remaining adapter
+        in sorted order becomes active, as in peft."""
+        self._adapter_name(adapter_name)
+        layers = self._lifecycle("delete_adapter", several=True)
+        if any(adapter_name in layer.merged_adapters for layer in layers):
+            raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() first")
+        for layer in layers:
+            layer.delete_adapter(adapter_name)
+        del self._configs[adapter_name]
+        if adapter_name in self._active:
+            remaining = [a for a in self._active if a != adapter_name] or sorted(self._configs)[:1]
+            for layer in layers:
+                layer.set_adapter(remaining)
+            self._active = remaining
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context in which the model runs without adapters (merged ones are unmerged first), and no
+        adapter trains; on exit the active adapters are active and trainable again, as in peft."""
+        layers = self._lifecycle("disable_adapter")
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        """Fold the active adapters (or ``adapter_names``) into the dense base weights; forward then
+        runs the base layers alone until ``unmerge_adapter``. ``safe_merge`` checks for non-finite
+        weights first."""
+        layers = self._lifecycle("merge_adapter")
+        for name in adapter_names or []:
+            self._adapter_name(name)
+        for layer in layers:
+            base = layer.base_layer
+            if _adapters.is_bnb_linear4bit(base) or not base.weight.dtype.is_floating_point:
+                raise NotImplementedError("merge_adapter needs dense base layers; nothing was merged")
+        if safe_merge:
+            for layer in layers:
+                for name in adapter_names or self._active:
+                    for p in layer.adapter_parameters(name):
+                        if not torch.isfinite(p).all():
+                            raise ValueError(f"NaNs detected in the adapter {name!r}; nothing was merged")
+        for layer in layers:
+            layer.merge(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged adapter out of the base weights again."""
+        for layer in self._lifecycle("unmerge_adapter"):
+            layer.unmerge()
 
     # ---- training helpers --------------------------------------------------------------------------
 
@@ -170,7 +407,9 @@ def _wrapper_class(model_cls: type) -> type:
     return type(f"FastPeft{model_cls.__name__}", (FastPeftModel,), {"forward": forward, "__module__": __name__})
 
 
-def get_peft_model(model: nn.Module, peft_config, **method_kwargs) -> FastPeftModel:
+def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision=None, low_cpu_mem_usage: bool = False,
+                   **method_kwargs) -> FastPeftModel:
     """Replace the modules ``peft_config`` targets with fused fastpeft layers; freeze the rest.
 
     ``peft_config`` is a peft config object or a fastpeft config for a method peft lacks (see
@@ -179,13 +418,24 @@ def get_peft_model(model: nn.Module, peft_config, **method_kwargs) -> FastPeftMo
     rules; options fastpeft does not implement, and targeted modules it cannot run, raise before
     the model is touched. ``method_kwargs`` go to the method's injector (e.g. the calibration
     batches a FishMask config needs).
+
+    The other arguments are ``peft.get_peft_model``'s: ``adapter_name`` names the adapter;
+    ``autocast_adapter_dtype=False`` keeps LoRA / (IA)^3 weights in a float base weight's dtype
+    (True, the default: float32); ``revision`` is recorded in the config; ``mixed=True`` and
+    ``low_cpu_mem_usage=True`` are not implemented.
     """
+    if mixed:
+        raise NotImplementedError("fastpeft.get_peft_model does not build mixed-adapter models; use peft (mixed=True)")
+    if low_cpu_mem_usage:
+        raise NotImplementedError("fastpeft.get_peft_model does not implement low_cpu_mem_usage=True")
     peft_type = peft_type_of(peft_config)
     if peft_type not in INJECTORS:
         raise NotImplementedError(
             f"fastpeft.get_peft_model supports {sorted(INJECTORS)} configs, got {type(peft_config).__name__}"
         )
     config = _with_task_defaults(peft_config)
+    if revision is not None and hasattr(config, "revision"):
+        config.revision = revision
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -195,10 +445,41 @@ def get_peft_model(model: nn.Module, peft_config, **method_kwargs) -> FastPeftMo
         for n, p in model.named_parameters():  # injectors validate before changing modules
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
         raise
-    injection.parameter_names = list(injection.parameter_names) + _modules_to_save(
-        model, getattr(config, "modules_to_save", None)
-    )
-    return _wrapper_class(type(model))(model, config, injection)
+    modules_to_save = _modules_to_save(model, getattr(config, "modules_to_save", None))
+    injection.parameter_names = list(injection.parameter_names) + modules_to_save
+    if not autocast_adapter_dtype:
+        _keep_base_dtype(model)
+    fast = _wrapper_class(type(model))(model, config, injection, adapter_name)
+    fast._modules_to_save_names = modules_to_save
+    return fast
+
+
+def _keep_base_dtype(model: nn.Module) -> None:
+    """peft's ``autocast_adapter_dtype=False``: adapter weights in the base weight's dtype when that
+    is a float dtype (quantized bases keep float32 adapters)."""
+    from fastpeft.nn.ia3 import IA3Linear
+    from fastpeft.nn.lora import LoRALinear
+
+    for module in model.modules():
+        if isinstance(module, (LoRALinear, IA3Linear)):
+            dtype = module.base_layer.weight.dtype
+            if not dtype.is_floating_point:
+                continue
+            with torch.no_grad():
+                for p in module.parameters(recurse=True):
+                    if p.requires_grad and p.dtype.is_floating_point:
+                        p.data = p.data.to(dtype)
+
+
+def _save_adapter_bin(directory: str, config, tensors: dict) -> None:
+    """peft's ``safe_serialization=False`` checkpoint: ``adapter_model.bin`` (torch.save) + the config."""
+    if os.path.isfile(directory):
+        raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
+    os.makedirs(directory, exist_ok=True)
+    data = {k: v.detach().contiguous() for k, v in tensors.items()}
+    checkpoint._atomic_write(os.path.join(directory, "adapter_model.bin"), lambda p: torch.save(data, p))
+    text = checkpoint.config_to_json(config)
+    checkpoint._atomic_write(os.path.join(directory, checkpoint.CONFIG_NAME), lambda p: open(p, "w").write(text))
 
 
 def _with_task_defaults(config):

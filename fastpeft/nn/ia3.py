@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastpeft.nn.base import base_kind, cast, check_base_layer, compute_dtype, freeze, frozen_weight, kind_label
-from fastpeft.nn.base import output_dtype
+from fastpeft.nn.base import frozen_base, output_dtype
 from fastpeft.ops.ia3 import ia3_linear
 
 
@@ -127,7 +127,9 @@ class IA3Linear(nn.Module):
             return self.base_layer(x)
         if self.num_tasks is not None and self.num_tasks > 1 and task_ids is None:
             raise ValueError(f"this layer holds {self.num_tasks} task vectors: pass task_ids ([batch] task per example)")
-        return fused_ia3_forward(self.base_layer, self.vectors, self.is_feedforward, x, task_ids, self.base_kind)
+        # frozen_base: FSDP1 hands the frozen base in as views that require grad.
+        return fused_ia3_forward(frozen_base(self.base_layer), self.vectors, self.is_feedforward, x, task_ids,
+                                 self.base_kind)  # fmt: skip
 
     # ---- merge -----------------------------------------------------------------------------------
 
