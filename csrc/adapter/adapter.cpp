@@ -37,6 +37,7 @@ void down_epilogue(at::Tensor& z, const at::Tensor& bias, const TaskMap& banks, 
 #ifdef FASTPEFT_WITH_CUDA
   if (z.is_cuda()) return adapter_down_epilogue_cuda(z, bias, banks, a_aug, act);
 #endif
+  TORCH_CHECK(z.device().is_cpu(), "fastpeft bottleneck adapter: no kernel for device ", z.device());
   adapter_down_epilogue_cpu(z, bias, banks, a_aug, act);
 }
 
@@ -45,6 +46,7 @@ void activation_backward(at::Tensor& grad_a, const at::Tensor& z, AdapterActivat
 #ifdef FASTPEFT_WITH_CUDA
   if (z.is_cuda()) return adapter_activation_backward_cuda(grad_a, z, act, static_cast<float>(scale));
 #endif
+  TORCH_CHECK(z.device().is_cpu(), "fastpeft bottleneck adapter: no kernel for device ", z.device());
   adapter_activation_backward_cpu(grad_a, z, act, static_cast<float>(scale));
 }
 
@@ -396,16 +398,10 @@ bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, con
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+// One device-generic body: GEMMs in ATen, the epilogues pick the device's kernel.
+TORCH_LIBRARY_IMPL(fastpeft, CompositeExplicitAutograd, m) {
   m.impl("bottleneck_adapter", &bottleneck_adapter);
   m.impl("bottleneck_adapter_backward", &bottleneck_adapter_backward);
 }
-
-#ifdef FASTPEFT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
-  m.impl("bottleneck_adapter", &bottleneck_adapter);
-  m.impl("bottleneck_adapter_backward", &bottleneck_adapter_backward);
-}
-#endif
 
 }  // namespace fastpeft

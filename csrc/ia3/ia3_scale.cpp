@@ -106,18 +106,11 @@ std::tuple<at::Tensor, at::Tensor> ia3_scale_backward(const at::Tensor& grad, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+// One device-generic body: ia3_scale_into / ia3_task_reduce pick the device's kernel.
+TORCH_LIBRARY_IMPL(fastpeft, CompositeExplicitAutograd, m) {
   m.impl("ia3_scale", &ia3_scale);
   m.impl("ia3_scale_", &ia3_scale_);
   m.impl("ia3_scale_backward", &ia3_scale_backward);
 }
-
-#ifdef FASTPEFT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
-  m.impl("ia3_scale", &ia3_scale);
-  m.impl("ia3_scale_", &ia3_scale_);
-  m.impl("ia3_scale_backward", &ia3_scale_backward);
-}
-#endif
 
 }  // namespace fastpeft

@@ -4,7 +4,7 @@ A model from ``fastpeft.get_peft_model`` starts with one adapter per layer (``Lo
 ``IA3Linear``, parameters ``<path>.lora_A.weight``); ``set_adapter``, ``disable_adapter``,
 ``merge_adapter`` ... work on those through ``SingleAdapterView``. The first ``add_adapter`` (or
 ``delete_adapter``) turns each of them into a
-``MultiLoRALinear`` / ``MultiIA3Linear`` that holds adapters by name exactly as peft's layers do
+``LoRALinearAdapters`` / ``IA3LinearAdapters`` that holds adapters by name exactly as peft's layers do
 (``<path>.lora_A.<adapter>.weight``, ``<path>.ia3_l.<adapter>``), keeping the same parameter
 objects, so optimizers keep working and names, state_dicts and checkpoints match peft's.
 
@@ -35,7 +35,7 @@ def _bnb_cpu_packed(base) -> bool:
 
 
 class _MultiAdapterLayer(nn.Module):
-    """What MultiLoRALinear and MultiIA3Linear share: the adapter bookkeeping of peft's BaseTunerLayer."""
+    """What LoRALinearAdapters and IA3LinearAdapters share: the adapter bookkeeping of peft's BaseTunerLayer."""
 
     adapter_layer_names: tuple = ()
 
@@ -95,6 +95,17 @@ class _MultiAdapterLayer(nn.Module):
     def _forget(self, name: str) -> None:
         pass
 
+    def _adapters_to_run(self, table) -> list:
+        """The active adapters of ``table`` this forward adds, as peft's forward decides: none when
+        adapters are disabled (a merge is undone first) or merged (the base holds them)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return []
+        if self.merged:
+            return []
+        return [a for a in self.active_adapters if a in table]
+
     def merge(self, adapter_names: Optional[list] = None) -> None:
         """Fold the given adapters (default: the active ones) present here into a dense base weight."""
         if is_bnb_linear4bit(self.base_layer) or not self.base_layer.weight.dtype.is_floating_point:
@@ -117,7 +128,7 @@ class _MultiAdapterLayer(nn.Module):
                 self._unmerge_one(name)
 
 
-class MultiLoRALinear(_MultiAdapterLayer):
+class LoRALinearAdapters(_MultiAdapterLayer):
     """LoRA adapters by name around one frozen ``nn.Linear`` / bitsandbytes 4-bit / int8 base, laid
     out as peft's ``lora.Linear``: ``lora_A.<adapter>`` / ``lora_B.<adapter>`` (``nn.Linear``),
     ``scaling[adapter]``, ``lora_dropout[adapter]``."""
@@ -159,13 +170,7 @@ class MultiLoRALinear(_MultiAdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """peft's ``lora.Linear.forward``: the first active adapter fused with the base GEMM, the others added."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x)
-        if self.merged:
-            return self.base_layer(x)
-        adapters = [a for a in self.active_adapters if a in self.lora_A]
+        adapters = self._adapters_to_run(self.lora_A)
         if not adapters:
             return self.base_layer(x)
         if _bnb_cpu_packed(self.base_layer):  # peft's arithmetic on bitsandbytes' own path
@@ -192,7 +197,7 @@ class MultiLoRALinear(_MultiAdapterLayer):
         return f"adapters={self.adapter_names()}, active={self.active_adapters}"
 
 
-class MultiIA3Linear(_MultiAdapterLayer):
+class IA3LinearAdapters(_MultiAdapterLayer):
     """(IA)^3 vectors by name around one frozen ``nn.Linear`` / bitsandbytes 4-bit base, laid out as
     peft's ``ia3.Linear``: ``ia3_l.<adapter>`` ((out, 1), or (1, in) for a feed-forward layer)."""
 
@@ -225,13 +230,7 @@ class MultiIA3Linear(_MultiAdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """peft's ``ia3.Linear.forward`` on the fused op: the active vectors multiplied."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x)
-        if self.merged:
-            return self.base_layer(x)
-        adapters = [a for a in self.active_adapters if a in self.ia3_l]
+        adapters = self._adapters_to_run(self.ia3_l)
         if not adapters:
             return self.base_layer(x)
         vectors = self.ia3_l[adapters[0]]
@@ -331,7 +330,7 @@ def single_views(model: nn.Module, peft_type: str, name: str, active: list) -> l
     return [SingleAdapterView(m, name, active) for m in model.modules() if type(m) is single]
 
 
-MULTI_TYPES = (MultiLoRALinear, MultiIA3Linear)
+MULTI_TYPES = (LoRALinearAdapters, IA3LinearAdapters)
 PREFIXES = {"LORA": "lora_", "IA3": "ia3_"}
 
 
@@ -356,11 +355,11 @@ def to_multi(model: nn.Module, peft_type: str, adapter_name: str) -> None:
         if layer.merged:
             raise ValueError(f"{name} is merged; call unmerge_adapter() before adding or deleting adapters")
         if peft_type == "LORA":
-            multi = MultiLoRALinear(layer.base_layer)
+            multi = LoRALinearAdapters(layer.base_layer)
         else:
             if layer.num_tasks is not None:
                 raise NotImplementedError("IA3Linear layers with a task bank (num_tasks) do not take named adapters")
-            multi = MultiIA3Linear(layer.base_layer, layer.is_feedforward)
+            multi = IA3LinearAdapters(layer.base_layer, layer.is_feedforward)
         multi.add(adapter_name, layer)
         multi.active_adapters = [adapter_name]
         multi.train(layer.training)
@@ -421,12 +420,12 @@ def add_adapter(model: nn.Module, peft_type: str, adapter_name: str, config) -> 
             alpha = _pattern_value(config.alpha_pattern, n, config.lora_alpha)
             single = LoRALinear(base, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                                 use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)  # fmt: skip
-            multi = module if isinstance(module, MultiLoRALinear) else MultiLoRALinear(base)
+            multi = module if isinstance(module, LoRALinearAdapters) else LoRALinearAdapters(base)
         else:
             # As in peft, a layer keeps the feed-forward side its first adapter gave it.
-            feedforward = module.is_feedforward if isinstance(module, MultiIA3Linear) else is_feedforward(config, n)
+            feedforward = module.is_feedforward if isinstance(module, IA3LinearAdapters) else is_feedforward(config, n)
             single = IA3Linear(base, is_feedforward=feedforward, init_ia3_weights=config.init_ia3_weights)
-            multi = module if isinstance(module, MultiIA3Linear) else MultiIA3Linear(base, feedforward)
+            multi = module if isinstance(module, IA3LinearAdapters) else IA3LinearAdapters(base, feedforward)
         for p in base.parameters():  # the single layer froze them; the base stays as it was
             p.requires_grad_(requires_grad[id(p)])
         multi.add(adapter_name, single)
@@ -443,7 +442,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict:
     (``<path>.lora_A.weight``, ``<path>.ia3_l``: the adapter name dropped, as peft saves), live."""
     out = {}
     for name, layer in multi_layers(model):
-        if isinstance(layer, MultiLoRALinear):
+        if isinstance(layer, LoRALinearAdapters):
             if adapter_name in layer.lora_A:
                 out[f"{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
                 out[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight

@@ -101,8 +101,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     layers = _layers(model)
     quantized = [name for name, m in layers if m.base_kind != "dense"]
     if quantized:
+        kinds = " and ".join(sorted({"4-bit" if m.base_kind == "4bit" else "int8" for _, m in layers if m.base_kind != "dense"}))
         raise NotImplementedError(
-            f"merge_and_unload needs dense base layers; {len(quantized)} (IA)^3 layers have a quantized base "
+            f"merge_and_unload needs dense base layers; {len(quantized)} (IA)^3 layers have a {kinds} base "
             f"(e.g. {quantized[0]}). Nothing was merged. Use unload(), or load the model dense to merge."
         )
     for _, module in layers:

@@ -26,7 +26,9 @@ def target_module_names(model: nn.Module, config) -> list:
 def check_fused_bases(modules: dict, method: str) -> None:
     """Raises NotImplementedError (before anything changes) naming every targeted module fastpeft's
     fused linear layers cannot run on, and why (see ``fastpeft.nn.base.base_layer_problem``)."""
-    unsupported = [f"{name} ({problem})" for name, m in modules.items() if (problem := base_layer_problem(m))]
+    # A module of another type is named by its type; a bitsandbytes layer by what is wrong with it.
+    unsupported = [f"{name} ({problem if isinstance(m, nn.Linear) else type(m).__name__})"
+                   for name, m in modules.items() if (problem := base_layer_problem(m))]  # fmt: skip
     if unsupported:
         raise NotImplementedError(
             f"fastpeft {method} runs on torch.nn.Linear, bitsandbytes Linear4bit and int8 Linear8bitLt layers; "

@@ -46,6 +46,6 @@ def test_int8_ia3_parity_with_peft(arch, tmp_path):
 def test_int8_ia3_merge_refused_before_changing_anything(tmp_path):
     fast = fastpeft.get_peft_model(tiny_model_8bit("llama", tmp_path), ia3_config("llama"))
     before = {n: p.detach().clone() for n, p in fast.named_parameters()}
-    with pytest.raises(NotImplementedError, match="quantized base"):
+    with pytest.raises(NotImplementedError, match="int8 base"):
         fast.merge_and_unload()
     assert all(torch.equal(p, before[n]) for n, p in fast.named_parameters())

@@ -32,7 +32,7 @@ def test_int8_parity_with_peft(arch, tmp_path):
     assert n_int8 > 0
     peft_model, fast = twins(model, lora_config(arch))
     layers = [m for m in fast.modules() if isinstance(m, LoRALinear)]
-    assert layers and all(m.is_8bit for m in layers)
+    assert layers and all(m.is_int8 for m in layers)
     assert all(type(m).__name__ == "Linear8bitLt" for m in peft_model.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
     inputs = batch(arch)
     peft_model.train()

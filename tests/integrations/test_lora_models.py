@@ -10,21 +10,14 @@ pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
 from fastpeft.nn import LoRALinear  # noqa: E402
-from tests.integrations.helpers import batch, lora_config, loss_and_grads, recorded_ops, tiny_model, tiny_model_4bit, twins  # noqa: E402
+from tests.integrations.helpers import assert_parity, batch, lora_config, loss_and_grads, recorded_ops, tiny_model, tiny_model_4bit, twins  # noqa: E402
 from tests.utils import assert_close  # noqa: E402
 
 ARCHS = ["llama", "qwen2", "bert"]
 
 
 def check_parity(peft_model, fast, arch, scale=10):
-    inputs = batch(arch)
-    logits_p, loss_p, grads_p = loss_and_grads(peft_model, inputs)
-    logits_f, loss_f, grads_f = loss_and_grads(fast, inputs)
-    assert_close(logits_f, logits_p, scale=scale)
-    assert_close(loss_f, loss_p, scale=scale)
-    assert set(grads_f) == set(grads_p) and grads_f
-    for name in grads_p:
-        assert_close(grads_f[name], grads_p[name], scale=scale, msg=name)
+    assert_parity(peft_model, fast, batch(arch), scale=scale)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -9,7 +9,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
-from tests.integrations.helpers import batch, loss_and_grads, tiny_model, tiny_model_4bit  # noqa: E402
+from tests.integrations.helpers import batch, loss_and_grads, recorded_ops, tiny_model, tiny_model_4bit  # noqa: E402
 from tests.integrations.test_ia3_models import DENSE, NF4, ia3_config, randomize_ia3  # noqa: E402
 
 IA3Layer = peft.tuners.ia3.IA3Layer
@@ -23,19 +23,7 @@ def peft_ia3(model, config):
 
 def fastpeft_ops(model, inputs):
     """The fastpeft ops one forward of ``model`` dispatches, in order."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    names = []
-
-    class Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "fastpeft" in str(func):
-                names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Recorder():
-        model(**inputs)
-    return names
+    return [n for n in recorded_ops(model, inputs) if "fastpeft" in n]
 
 
 def check_same_training_signal(patched, reference, arch, tol):
@@ -113,7 +101,7 @@ def test_patch_reports_every_layer_it_cannot_fuse():
         report = fastpeft.patch(peft_model)
     assert report.patched == ["base_model.model.lin"]
     assert report.skipped == {
-        "base_model.model.conv": "Conv2d (IA)^3 layers are not fused (only Linear / Linear4bit)",
+        "base_model.model.conv": "Conv2d (IA)^3 layers are not fused (only Linear / Linear4bit / Linear8bitLt)",
         "base_model.model.c1d": "fan_in_fan_out=True (base layer Conv1D)",
     }
     torch.testing.assert_close(peft_model(x, image), expected, **DENSE)
