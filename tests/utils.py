@@ -57,22 +57,40 @@ def signed_zero_canonical(t: torch.Tensor) -> torch.Tensor:
     return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
 
 
-def saved_tensor_bytes(fn, exclude=()):
-    """Bytes autograd saves for backward while ``fn`` runs: each storage counted once, storages of
-    ``exclude`` (parameters, frozen weights) skipped. Returns (bytes, list of saved shapes)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen, shapes = {}, []
+def saved_tensors(fn):
+    """Every tensor autograd saves for backward while ``fn`` runs (in order), and fn's result."""
+    saved = []
 
     def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-            shapes.append(tuple(t.shape))
+        saved.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return sum(seen.values()), shapes, out
+    return saved, out
+
+
+def saved_storages(fn, exclude=()):
+    """{data_ptr: (shape, storage bytes)} of every storage autograd saves while ``fn`` runs, storages
+    of ``exclude`` (parameters, frozen weights) skipped, and fn's result."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved, out = saved_tensors(fn)
+    seen = {}
+    for t in saved:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = (tuple(t.shape), t.untyped_storage().nbytes())
+    return seen, out
+
+
+def saved_tensor_bytes(fn, exclude=()):
+    """Bytes autograd saves for backward while ``fn`` runs: each storage counted once, storages of
+    ``exclude`` (parameters, frozen weights) skipped. Returns (bytes, list of saved shapes, fn's result)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved, out = saved_tensors(fn)
+    kept = [t for t in saved if t.untyped_storage().data_ptr() not in skip]
+    nbytes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+    return sum(nbytes.values()), [tuple(t.shape) for t in kept], out
 
 
 # Frozen-weight formats every linear op takes: dense, bitsandbytes 4-bit (plain and double-quantized)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastpeft.nn import IA3Linear
-from tests.utils import assert_close
+from tests.utils import assert_close, saved_storages
 
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
@@ -164,18 +164,8 @@ def test_saves_less_than_peft_on_the_output_side():
     # peft keeps the unscaled base output next to the scaled one it returns; IA3Linear keeps only
     # the output it returns (the vector gradient is recovered as sum(grad * y) / l).
     def saved_activation_ptrs(module, x):
-        ptrs = {}
-        params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                ptrs[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = module(x)
-        return ptrs, y
+        seen, y = saved_storages(lambda: module(x), exclude=list(module.parameters()))
+        return {p: n for p, (_, n) in seen.items()}, y
 
     model = peft_block()
     peft_k = model.base_model.model.k

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_reference
-from tests.utils import DTYPES, assert_close, assert_error_within, devices, leaf
+from tests.utils import DTYPES, assert_close, assert_error_within, devices, leaf, saved_storages
 
 
 def make_stage(N, r, d, dtype, device, ln):
@@ -112,18 +112,6 @@ def test_stack_equals_two_calls_and_bank_equals_each_example_alone(device):
         y_b = call(bottleneck_adapter, x[b : b + 1], [pick(lang, lang_ids[b]), pick(task, task_ids[b])], [1.0, 0.5],
                    "gelu", None, None)  # fmt: skip
         assert_close(y[b : b + 1], y_b, scale=10)
-
-
-def saved_storages(fn):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return seen, out
 
 
 @pytest.mark.parametrize("stages", [1, 2])

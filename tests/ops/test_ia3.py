@@ -10,7 +10,7 @@ from fastpeft.ops.quant4bit import dequantize_4bit_reference
 from fastpeft.ops.frozen_weight import dense_weight_reference
 from fastpeft.quant import frozen_weight_args
 from tests.utils import (DTYPES, TOLERANCES, WEIGHT_KINDS, assert_all_close, assert_close, assert_error_within,
-                         devices, leaf, make_weight, signed_zero_canonical, weight_tensors)  # fmt: skip
+                         devices, leaf, make_weight, saved_storages, signed_zero_canonical, weight_tensors)  # fmt: skip
 
 BF = pytest.importorskip("bitsandbytes.functional")
 
@@ -228,19 +228,6 @@ def test_output_side_zero_vector_entry_gets_zero_gradient(device):
 # ---- memory: what backward keeps -------------------------------------------------------------------
 
 
-def saved_storages(fn):
-    """data_ptr -> nbytes of every storage autograd saves while fn runs, and fn's result."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return seen, out
-
-
 @pytest.mark.parametrize("kind", ["dense", "nf4-nested", "int8"])
 @pytest.mark.parametrize("T", [1, 4])
 def test_saved_for_backward(kind, T):
@@ -251,8 +238,8 @@ def test_saved_for_backward(kind, T):
     task_ids = torch.tensor([0, 3, 1, 3]) % T if T > 1 else None
     for is_ff in (False, True):
         vectors = vector_bank(T, in_f if is_ff else out_f, torch.float32, "cpu").requires_grad_(True)
-        seen, y = saved_storages(lambda: ia3_linear(x, weight, None, vectors, task_ids, is_ff))
-        activations = {p: n for p, n in seen.items() if p not in {t.untyped_storage().data_ptr() for t in [vectors, *frozen]}}
+        seen, y = saved_storages(lambda: ia3_linear(x, weight, None, vectors, task_ids, is_ff), exclude=[vectors, *frozen])
+        activations = {p: n for p, (_, n) in seen.items()}
         if task_ids is not None:
             activations.pop(task_ids.untyped_storage().data_ptr(), None)
         # Exactly one activation-sized tensor: y itself (output side, no second [M, out] tensor) or x.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastpeft.ops import prefix_attention, prefix_attention_reference
-from tests.utils import DTYPES, assert_close, assert_error_within, devices
+from tests.utils import DTYPES, assert_close, assert_error_within, devices, saved_tensors
 
 # (B, H, Hkv, Sq, Skv, D, N, P)
 SHAPES = [
@@ -250,15 +250,7 @@ def repeated_prefix_bytes(shape=MEMORY_SHAPE):
 
 
 def saved_tensor_sizes(fn, inputs):
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*inputs)
-    return sizes
+    return [t.numel() * t.element_size() for t in saved_tensors(lambda: fn(*inputs))[0]]
 
 
 def largest_cpu_allocation(fn, inputs):

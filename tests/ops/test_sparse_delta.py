@@ -9,7 +9,7 @@ from fastpeft.ops import sparse_delta_linear, sparse_delta_linear_reference
 from fastpeft.ops.sparse_delta import merged_weight, merged_weight_reference
 from fastpeft.quant import frozen_weight_args
 from tests.utils import (DTYPES, WEIGHT_KINDS, assert_all_close, assert_close, assert_error_within, devices, leaf,
-                         make_weight, signed_zero_canonical, weight_tensors)  # fmt: skip
+                         make_weight, saved_tensors, signed_zero_canonical, weight_tensors)  # fmt: skip
 
 BF = pytest.importorskip("bitsandbytes.functional")
 
@@ -140,14 +140,7 @@ def test_saves_only_x_indices_and_values(kind):
     x = leaf(torch.randn(M, in_f))
     frozen = weight_tensors(w)
     frozen_ptrs = {t.untyped_storage().data_ptr() for t in frozen}
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = sparse_delta_linear(x, w, None, idx, values)
+    saved, y = saved_tensors(lambda: sparse_delta_linear(x, w, None, idx, values))
     activation_bytes = sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in frozen_ptrs)
     assert activation_bytes == x.numel() * 4 + idx.numel() * 4 + values.numel() * 4
     assert all(t.numel() < out_f * in_f or t.untyped_storage().data_ptr() in frozen_ptrs for t in saved)
