@@ -48,6 +48,23 @@ TORCH_LIBRARY(fastpeft, m) {
       "lora_grad_x_dropout_accum_(Tensor(a!) grad_x, Tensor grad_shrink, Tensor lora_A, "
       "float dropout_p, Tensor seed) -> ()");
 
+  // ---- Fused linear cross-entropy (causal-LM heads) ---------------------------------------------
+  // Row-wise part of one chunk, in place: loss[i] = lse(z_i) - z_i[labels[i]] and logits_i <-
+  // grad_scale * (softmax(z_i) - onehot) * dz/dx, z = softcap * tanh(x / softcap) (softcap 0: z = x);
+  // float32 math; rows labelled ignore_index get loss 0 and gradient 0.
+  m.def(
+      "cross_entropy_rows_(Tensor(a!) logits, Tensor labels, Tensor(b!) loss, float softcap, int ignore_index, "
+      "float grad_scale) -> ()");
+  // cross_entropy(hidden W^T + b + lora_scaling * (hidden A^T) B^T, labels) over chunks of tokens,
+  // with its gradients: never a [tokens, vocab] tensor. W frozen, any format; output_mask:
+  // [hidden, lora]. Returns the float32 loss and grad_hidden, grad_lora_A, grad_lora_B (empty when
+  // not asked for), for reduction "mean" (over tokens not ignored) or "sum".
+  m.def(
+      "linear_cross_entropy(Tensor hidden, str weight_format, Tensor?[] weight_tensors, int[] weight_ints, "
+      "Tensor? bias, Tensor labels, Tensor? lora_A, Tensor? lora_B, float lora_scaling, int ignore_index, "
+      "str reduction, float softcap, int chunk_tokens, bool[] output_mask) -> (Tensor loss, Tensor grad_hidden, "
+      "Tensor grad_lora_A, Tensor grad_lora_B)");
+
   // ---- Sparse fine-tuning (FishMask / BitFit masks, sparse deltas) -----------------------------
   // Masks are sorted flat indices (int32/int64) per tensor; None means every entry. Kernels skip
   // indices outside the tensor; sortedness and uniqueness are checked where masks are built.

@@ -17,6 +17,7 @@ from benchmarks import common, summarize  # noqa: E402
 QUICK = ["--quick", "--device", "cpu", "--reps", "2"]
 BENCHES = {
     # file: (arguments, packages it needs, providers every case of its fwd(+bwd) rows must have)
+    "bench_linear_cross_entropy": (QUICK, (), {"fastpeft", "floor", "reference"}),
     "bench_lora": (QUICK, ("bitsandbytes", "peft"), {"fastpeft", "floor", "peft"}),
     "bench_ia3": (QUICK, ("bitsandbytes", "peft"), {"fastpeft", "floor", "reference"}),
     "bench_adapter": (QUICK, (), {"fastpeft", "floor"}),

@@ -39,6 +39,8 @@ NOT_DIFFERENTIABLE = {
     "sparse_delta_add_": "writes into a buffer (used inside sparse_delta_linear)",
     "sparse_delta_weight_grad": "a building block of sparse_delta_linear's backward",
     "ia3_scale_": "in-place inference scaling",
+    "cross_entropy_rows_": "a building block of linear_cross_entropy",
+    "linear_cross_entropy": "returns its own gradients; fastpeft.ops.linear_cross_entropy's autograd.Function scales them",
 }
 
 

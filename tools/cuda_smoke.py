@@ -100,6 +100,22 @@ def case_int8_bases():
     return _backward(sum(o.float() for o in outs))
 
 
+def case_linear_cross_entropy():
+    from fastpeft.ops import linear_cross_entropy
+    from fastpeft.quant import Quant4bitWeight
+
+    hidden = torch.randn(3, 41, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 1000, (3, 41), device=DEV)
+    labels[0, :7] = -100
+    A = (torch.randn(8, 128, device=DEV) * 0.05).to(torch.bfloat16).requires_grad_(True)
+    B = (torch.randn(1000, 8, device=DEV) * 0.05).to(torch.bfloat16).requires_grad_(True)
+    head = Quant4bitWeight.from_bnb(_linear4bit(128, 1000))
+    loss = linear_cross_entropy(hidden, head, labels, lora_A=A, lora_B=B, lora_scaling=2.0, softcap=30.0,
+                                chunk_tokens=50)  # fmt: skip
+    loss.backward()
+    return loss
+
+
 def case_multi_lora():
     layer = fnn.MultiLoRALinear(_linear(130, 70, torch.bfloat16))
     for name, r in (("a", 1), ("b", 16), ("c", 72)):

@@ -12,12 +12,14 @@ import copy
 import functools
 import inspect
 import os
+from typing import Optional
 
 import torch
 from torch import nn
 
 from fastpeft.integrations import adapters as _adapters
 from fastpeft.integrations import checkpoint
+from fastpeft.integrations import fused_loss as _fused_loss
 from fastpeft.integrations import lora as _lora  # noqa: F401  (registers the method)
 from fastpeft.integrations import adapter as _adapter  # noqa: F401  (registers the method)
 from fastpeft.integrations import ia3 as _ia3  # noqa: F401  (registers the method)
@@ -255,12 +257,14 @@ class FastPeftModel(nn.Module):
             return _adapters.unload(self.base_model.model, merge=True, adapter_names=adapter_names)
         if self._injection.merge_and_unload is None:
             raise NotImplementedError(f"{self.peft_type} adapters cannot be merged into the base weights")
+        _fused_loss.uninstall(self.base_model.model)
         for name in adapter_names or []:
             self._adapter_name(name)
         return self._injection.merge_and_unload()
 
     def unload(self) -> nn.Module:
         """Remove the adapters without merging and return the plain transformers model."""
+        _fused_loss.uninstall(self.base_model.model)
         if self._multi:
             return _adapters.unload(self.base_model.model, merge=False)
         return self._injection.unload()
@@ -409,7 +413,7 @@ def _wrapper_class(model_cls: type) -> type:
 
 def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", mixed: bool = False,
                    autocast_adapter_dtype: bool = True, revision=None, low_cpu_mem_usage: bool = False,
-                   **method_kwargs) -> FastPeftModel:
+                   fused_loss: Optional[bool] = None, **method_kwargs) -> FastPeftModel:
     """Replace the modules ``peft_config`` targets with fused fastpeft layers; freeze the rest.
 
     ``peft_config`` is a peft config object or a fastpeft config for a method peft lacks (see
@@ -423,6 +427,11 @@ def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default",
     ``autocast_adapter_dtype=False`` keeps LoRA / (IA)^3 weights in a float base weight's dtype
     (True, the default: float32); ``revision`` is recorded in the config; ``mixed=True`` and
     ``low_cpu_mem_usage=True`` are not implemented.
+
+    ``fused_loss`` (default: on for transformers ``*ForCausalLM`` models, else off): in training with
+    ``labels`` the LM head and the loss run as ``fastpeft.ops.linear_cross_entropy``, so no
+    ``[tokens, vocab]`` logits exist (the output's ``logits`` is then None); see
+    ``fastpeft.integrations.fused_loss``. ``fused_loss=False`` keeps the model's own forward.
     """
     if mixed:
         raise NotImplementedError("fastpeft.get_peft_model does not build mixed-adapter models; use peft (mixed=True)")
@@ -436,6 +445,8 @@ def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default",
     config = _with_task_defaults(peft_config)
     if revision is not None and hasattr(config, "revision"):
         config.revision = revision
+    if fused_loss and not _fused_loss.is_causal_lm(model):
+        raise ValueError(f"fused_loss=True needs a transformers *ForCausalLM model with lm_head, got {type(model).__name__}")
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -449,6 +460,10 @@ def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default",
     injection.parameter_names = list(injection.parameter_names) + modules_to_save
     if not autocast_adapter_dtype:
         _keep_base_dtype(model)
+    if fused_loss is None:
+        fused_loss = _fused_loss.is_causal_lm(model)
+    if fused_loss:
+        _fused_loss.install(model)  # raises for a model that is not a causal LM, before any change
     fast = _wrapper_class(type(model))(model, config, injection, adapter_name)
     fast._modules_to_save_names = modules_to_save
     return fast

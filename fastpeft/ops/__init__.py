@@ -3,6 +3,7 @@
 from fastpeft.ops.adapter import bottleneck_adapter, bottleneck_adapter_reference
 from fastpeft.ops.dropout import dropout_reference, new_seed
 from fastpeft.ops.ia3 import ia3_linear, ia3_linear_reference, ia3_scale, ia3_scale_reference
+from fastpeft.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from fastpeft.ops.lora import lora_linear, lora_linear_grouped, lora_linear_multi, lora_linear_reference
 from fastpeft.ops.prefix_attention import prefix_attention, prefix_attention_reference
 from fastpeft.ops.multi_lora import MultiLoRAPlan, multi_lora_linear, multi_lora_linear_reference, plan_multi_lora
@@ -22,6 +23,8 @@ __all__ = [
     "ia3_linear_reference",
     "ia3_scale",
     "ia3_scale_reference",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
     "lora_linear",
     "lora_linear_grouped",
     "lora_linear_multi",

@@ -104,11 +104,19 @@ def batch(arch: str, seed: int = 1, batch_size: int = 3, seq: int = 11):
 
 
 def loss_and_grads(model, inputs):
+    """(logits, loss, gradients by fastpeft name) of one training step. A causal LM with fastpeft's
+    fused loss returns no logits with labels: they come from a second forward without labels."""
     model.zero_grad(set_to_none=True)
+    rng = torch.get_rng_state()
     out = model(**inputs)
     out.loss.backward()
     grads = {peft_to_fastpeft_name(n): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.logits.detach(), out.loss.detach(), grads
+    logits = out.logits
+    if logits is None:
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.set_rng_state(rng)  # the same dropout masks as the forward with labels
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    return logits.detach(), out.loss.detach(), grads
 
 
 def recorded_ops(model, inputs) -> list:

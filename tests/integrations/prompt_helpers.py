@@ -56,12 +56,19 @@ def common_name(name: str) -> str:
 
 
 def run(model, inputs):
-    """(logits, loss, {common name: grad}) of one forward/backward."""
+    """(logits, loss, {common name: grad}) of one forward/backward (the logits of a model with the
+    fused loss from a second forward without labels)."""
     model.zero_grad(set_to_none=True)
+    rng = torch.get_rng_state()
     out = model(**inputs)
     out.loss.backward()
     grads = {common_name(n): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.logits.detach(), out.loss.detach(), grads
+    logits = out.logits
+    if logits is None:  # fastpeft's fused loss (causal LMs) builds no logits: a forward without labels does
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.set_rng_state(rng)  # the same dropout masks as the forward with labels
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    return logits.detach(), out.loss.detach(), grads
 
 
 def batch(arch: str, seed: int = 1, batch_size: int = 3, seq: int = 9):
