@@ -7,7 +7,7 @@ import torch
 
 from fastpeft.ops import linear_cross_entropy, linear_cross_entropy_reference
 from fastpeft.quant import frozen_weight_args
-from tests.utils import DTYPES, WEIGHT_KINDS, assert_close, assert_error_within, devices, leaf, make_weight, saved_tensor_bytes
+from tests.utils import WEIGHT_KINDS, assert_close, assert_error_within, devices, leaf, make_weight, saved_tensor_bytes
 
 
 def inputs(N, H, V, dtype, device, kind="dense", lora=False, ignore=0.25, seed=0):
