@@ -409,7 +409,7 @@ def _wrapper_class(model_cls: type) -> type:
 
 def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", mixed: bool = False,
                    autocast_adapter_dtype: bool = True, revision=None, low_cpu_mem_usage: bool = False,
-                   **method_kwargs) -> FastPeftModel:
+                   group_projections=True, **method_kwargs) -> FastPeftModel:
     """Replace the modules ``peft_config`` targets with fused fastpeft layers; freeze the rest.
 
     ``peft_config`` is a peft config object or a fastpeft config for a method peft lacks (see
@@ -423,7 +423,16 @@ def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default",
     ``autocast_adapter_dtype=False`` keeps LoRA / (IA)^3 weights in a float base weight's dtype
     (True, the default: float32); ``revision`` is recorded in the config; ``mixed=True`` and
     ``low_cpu_mem_usage=True`` are not implemented.
+
+    ``group_projections`` (LoRA): the targeted projections that read the same input (q/k/v, gate/up,
+    found by one example forward of ``model.dummy_inputs``) run as one fused op each
+    (``fastpeft.integrations.grouping``); names, checkpoints and peft interop do not change. Without
+    dropout the results equal peft's; with dropout a group shares one mask where peft draws one per
+    projection. ``False``: one fused op per projection. A dict: the example inputs
+    (``model(**inputs)``) to find the groups with, for models without ``dummy_inputs``.
     """
+    if not isinstance(group_projections, (bool, dict)):
+        raise TypeError(f"group_projections must be True, False or a dict of example inputs, got {group_projections!r}")
     if mixed:
         raise NotImplementedError("fastpeft.get_peft_model does not build mixed-adapter models; use peft (mixed=True)")
     if low_cpu_mem_usage:
@@ -449,6 +458,10 @@ def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default",
     injection.parameter_names = list(injection.parameter_names) + modules_to_save
     if not autocast_adapter_dtype:
         _keep_base_dtype(model)
+    if peft_type == "LORA" and group_projections is not False:
+        from fastpeft.integrations import grouping
+
+        grouping.group_projections(model, None if group_projections is True else group_projections)
     fast = _wrapper_class(type(model))(model, config, injection, adapter_name)
     fast._modules_to_save_names = modules_to_save
     return fast
