@@ -28,7 +28,7 @@ it), one called with any other input runs the group again. So:
 * ``torch.compile``: the hand-over is a Python attribute on the member and an ``is`` test of two
   tensors, both of which dynamo traces (one graph for the group's op; tested with fullgraph).
 * A member whose hand-over is never collected (a parent that skips a projection) keeps that output
-  alive until the member next runs.
+  alive until the member next runs; copies and pickles of the model leave hand-overs out.
 * Merged or disabled members (``merge_adapter``, ``disable_adapter()``) make the group run each
   member on its own; multi-adapter layouts (``add_adapter``) and unloading replace the layers, and
   the groups with them.
@@ -53,6 +53,27 @@ _GROUP = "_shared_input_group"
 _HANDOVER = "_grouped_output"
 
 
+def _nothing():
+    return None
+
+
+class _Handover:
+    """An output the group left for a member, with the input it was computed from. Copies and
+    pickles of a model drop it (it holds graph tensors, which cannot be deep-copied)."""
+
+    __slots__ = ("x", "out")
+
+    def __init__(self, x, out):
+        self.x = x
+        self.out = out
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (_nothing, ())
+
+
 class SharedInputGroup:
     """The runtime side of one group: a ``LoRAProjectionGroup`` over the members and the hand-over
     of outputs between them (see the module docstring)."""
@@ -67,8 +88,8 @@ class SharedInputGroup:
         handed = getattr(layer, _HANDOVER, None)
         if handed is not None:
             setattr(layer, _HANDOVER, None)
-            if handed[0] is x:
-                return handed[1]
+            if handed.x is x:
+                return handed.out
         if any(m.merged for m in self.layers):
             return layer._ungrouped_forward(x)
         outs = self.group(x)
@@ -77,7 +98,7 @@ class SharedInputGroup:
             if member is layer:
                 mine = out
             else:
-                setattr(member, _HANDOVER, (x, out))
+                setattr(member, _HANDOVER, _Handover(x, out))
         return mine
 
 

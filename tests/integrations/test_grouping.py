@@ -171,3 +171,19 @@ def test_bad_options_and_models_without_example_inputs():
         fast = fastpeft.get_peft_model(net, config)
     assert any("dummy_inputs" in str(w.message) for w in caught)
     assert grouping.projection_groups(fast.base_model.model) == []
+
+
+def test_copies_and_pickles_keep_their_own_groups(tmp_path):
+    _, fast = twins(tiny_model("llama"), lora_config("llama"))
+    inputs = batch("llama")
+    attn = fast.base_model.model.model.layers[0].self_attn
+    attn.q_proj(torch.randn(2, 3, 64, requires_grad=True) * 1)  # leaves k and v a hand-over (graph tensors)
+    twin = copy.deepcopy(fast)
+    path = tmp_path / "model.pt"
+    torch.save(fast.base_model.model, path)
+    loaded = torch.load(path, weights_only=False)
+    for other in (twin.base_model.model, loaded):
+        q = other.model.layers[0].self_attn.q_proj
+        assert q.__dict__["_shared_input_group"].layers[0] is q  # the copy's own layers
+        assert sorted(grouping.projection_groups(other)) == sorted(expected_groups())
+        assert_close(other(**inputs).logits, fast(**inputs).logits)
