@@ -187,3 +187,32 @@ def test_copies_and_pickles_keep_their_own_groups(tmp_path):
         assert q.__dict__["_shared_input_group"].layers[0] is q  # the copy's own layers
         assert sorted(grouping.projection_groups(other)) == sorted(expected_groups())
         assert_close(other(**inputs).logits, fast(**inputs).logits)
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_model_level_memory_rules_against_peft(group):
+    """fastpeft.memory on a whole training step: without dropout fastpeft saves exactly what peft saves
+    (x and the tokens x r shrink per projection; grouping saves x once and one stacked shrink, the
+    same bytes); with dropout fastpeft adds one 8-byte seed per fused op where peft also saves a
+    dropped x and a mask per projection."""
+    from fastpeft.memory import measure_step
+
+    inputs = batch("llama")
+    tokens = inputs["input_ids"].numel()
+    saved = {}
+    for dropout in (0.0, 0.1):
+        config = lora_config("llama", lora_dropout=dropout)
+        peft_model, fast = twins(tiny_model("llama"), config)
+        if not group:
+            fast = fastpeft.get_peft_model(tiny_model("llama"), config, group_projections=False)
+        peft_model.train()
+        fast.train()
+        mp = measure_step(lambda: peft_model(**inputs).loss.backward(), exclude=[peft_model])
+        mf = measure_step(lambda: fast(**inputs).loss.backward(), exclude=[fast])
+        saved[dropout] = (mp.saved_bytes, mf.saved_bytes)
+        assert mf.peak_bytes <= mp.peak_bytes
+    assert saved[0.0][1] == saved[0.0][0]
+    fused_ops = (4 if group else 7) * LAYERS
+    assert saved[0.1][1] == saved[0.0][1] + 8 * fused_ops
+    dropped_x = LAYERS * tokens * (6 * 64 + 128) * 4  # q k v o gate up read 64 features, down 128
+    assert saved[0.1][0] - saved[0.1][1] >= dropped_x
