@@ -2,8 +2,11 @@
 
 A Llama-architecture causal LM (random weights; size by flag) with every linear layer but lm_head in
 NF4 (double-quantized), LoRA r=16 on all of them, gradient checkpointing on. Both runs start from
-the same adapter weights and see the same batches; the script reports tokens/s, peak memory
-(CUDA) and the largest gap between the two loss curves, and writes a JSON and a PNG plot.
+the same adapter weights and see the same batches; the script reports tokens/s, the largest gap
+between the two loss curves, and the memory of one more training step measured exactly with
+``fastpeft.memory.measure_step`` (bytes saved for backward, frozen weights and adapters excluded, and
+the peak of live tensor bytes above the step's start: CUDA allocator or CPU profiler timeline), and
+writes a JSON and a PNG plot.
 
   python benchmarks/bench_e2e_qlora.py                    # tiny model on CPU (minutes)
   python benchmarks/bench_e2e_qlora.py --size 1b          # Llama-3.2-1B shapes (GPU)
@@ -49,7 +52,16 @@ def headline(size, r):
                         "values": [{"value": "fastpeft", "metric": "tokens_per_s", "fmt": "{:.0f}"},
                                    {"value": PEER, "metric": "tokens_per_s", "fmt": "{:.0f}"}]},
                        {"text": "loss curves within {}",
-                        "values": [{"value": "fastpeft", "metric": "max_loss_gap", "fmt": "{:.1e}"}]}]}]  # fmt: skip
+                        "values": [{"value": "fastpeft", "metric": "max_loss_gap", "fmt": "{:.1e}"}]}]},
+            {"what": "end-to-end QLoRA step memory (same model; one training step, measured exactly by fastpeft.memory)",
+             "where": {"mode": "step"},
+             "cells": [{"text": f"{{}}x the peak bytes of {PEER}",
+                        "values": [{"ratio": ["fastpeft", PEER], "metric": "peak_bytes"}]},
+                       {"text": f"{{}}x the saved-for-backward bytes of {PEER}",
+                        "values": [{"ratio": ["fastpeft", PEER], "metric": "saved_bytes"}]},
+                       {"text": "peak {} vs {} MiB",
+                        "values": [{"value": "fastpeft", "metric": "peak_mib", "fmt": "{:.1f}"},
+                                   {"value": PEER, "metric": "peak_mib", "fmt": "{:.1f}"}]}]}]  # fmt: skip
 
 
 def quantize_to_nf4(model: nn.Module, device: str, compute_dtype: torch.dtype) -> nn.Module:
@@ -99,23 +111,30 @@ def make_batches(vocab: int, batch: int, seq: int, steps: int, device: str, seed
 
 
 def train(model, batches, device, lr, warmup):
+    """Train on ``batches`` (timed after ``warmup`` steps), then measure the memory of one more step
+    on the first batch (not part of the loss curve): ``saved_bytes`` (activations saved for
+    backward, the model's parameters and buffers excluded) and ``peak_bytes`` (peak live tensor
+    bytes above the step's start)."""
+    from fastpeft.memory import measure_step
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     losses, tokens, step_ms = [], 0, []
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
+
+    def one_step(inputs):
+        loss = model(**inputs).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
     start = None
     for step, inputs in enumerate(batches):
         if step == warmup:
             common.synchronize(device)
             start, tokens = time.perf_counter(), 0
         t0 = time.perf_counter()
-        loss = model(**inputs).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = one_step(inputs)
         losses.append(loss.item())  # .item() waits for the step: its time is the step's
         if step >= warmup:
             step_ms.append((time.perf_counter() - t0) * 1e3)
@@ -123,8 +142,11 @@ def train(model, batches, device, lr, warmup):
     common.synchronize(device)
     elapsed = time.perf_counter() - start
     result = dict(common.stats_ms(step_ms), losses=losses, tokens_per_s=tokens / elapsed, seconds=elapsed)
-    if device.startswith("cuda"):
-        result["peak_bytes"] = torch.cuda.max_memory_allocated() - base_mem
+    del loss
+    memory = measure_step(lambda: one_step(batches[0]).item(), device=device, exclude=[model])
+    result.update(saved_bytes=memory.saved_bytes, saved_storages=memory.saved_storages,
+                  peak_bytes=memory.peak_bytes, saved_mib=memory.saved_bytes / 2**20,
+                  peak_mib=memory.peak_bytes / 2**20)  # fmt: skip
     return result
 
 
@@ -200,7 +222,7 @@ def main(argv=None):
         torch.manual_seed(0)
         results[name] = train(model, batches, device, args.lr, warmup)
         r = results[name]
-        mem = f", peak {r['peak_bytes'] / 2**30:.2f} GiB" if "peak_bytes" in r else ""
+        mem = f", step: saved {r['saved_mib']:.1f} MiB, peak {r['peak_mib']:.1f} MiB"
         print(f"{name:18s} {r['tokens_per_s']:.0f} tokens/s{mem}, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}",
               flush=True)  # fmt: skip
     gap = max(abs(a - b) for a, b in zip(results["fastpeft"]["losses"], results[PEER]["losses"]))
@@ -210,7 +232,9 @@ def main(argv=None):
                             r=args.r, gradient_checkpointing=not args.no_checkpointing)
             for name, r in results.items()]  # fmt: skip
     rows[0].update(max_loss_gap=gap, loss_gap_vs=PEER)
-    print(f"fastpeft: {speedup:.2f}x the tokens/s of {PEER}; largest loss gap {gap:.2e}")
+    memory = {k: results["fastpeft"][k] / results[PEER][k] for k in ("peak_bytes", "saved_bytes")}
+    print(f"fastpeft: {speedup:.2f}x the tokens/s of {PEER}; largest loss gap {gap:.2e}; "
+          f"{memory['peak_bytes']:.2f}x its peak bytes, {memory['saved_bytes']:.2f}x its saved bytes")
     if not args.no_write:
         path = common.write_results(f"bench_e2e_qlora_{size}", device, "e2e_qlora", rows, headline(size, args.r),
                                     dict(size=size, warmup_steps=warmup, lr=args.lr))  # fmt: skip

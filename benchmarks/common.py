@@ -6,6 +6,8 @@ Conventions (every bench_<family>.py follows them):
   * median with 20th/80th percentiles of repeated runs after warm-up; CUDA events on GPU;
     providers timed interleaved (``time_interleaved``) so a shared machine's drift hits all alike;
   * memory: peak allocated bytes on CUDA; on CPU the bytes autograd saves for backward (exact);
+    whole training steps through ``fastpeft.memory.measure_step`` (saved bytes and the peak, on
+    the CPU from the profiler's memory timeline);
   * results to benchmarks/results/<device-slug>/<name>.json through ``write_results`` (``finish``
     at the end of a main prints the rows, writes them unless --no-write and returns them).
 
@@ -33,7 +35,7 @@ Row: a flat dict with the core keys (``ROW_KEYS``)
 
 optional keys with fixed meaning: ``gbps`` (achieved GB/s), ``tflops`` (achieved TFLOP/s),
 ``saved_bytes`` (bytes autograd saves for backward, CPU), ``peak_bytes`` (peak CUDA bytes above the
-start), ``error``; any other key is free (shape numbers, ``base``, ``density``, ``max_abs_err_y``...).
+start; CPU rows measured with ``fastpeft.memory`` have it too, from the profiler), ``error``; any other key is free (shape numbers, ``base``, ``density``, ``max_abs_err_y``...).
 
 Headline: a list of README table rows, each
 ``{"what": label, "where": {key: value or [values]}, "cells": [cell, cell, cell]}``; the three cells

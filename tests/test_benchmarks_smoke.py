@@ -96,6 +96,9 @@ def test_bench_e2e_qlora_matches_peft(tmp_path, monkeypatch):
     rows = load("bench_e2e_qlora").main(["--steps", "3", "--seq", "32", "--batch", "2", "--no-write"])
     fast, peer = rows
     assert fast["max_loss_gap"] < 1e-4 and fast["tokens_per_s"] > 0 and peer["tokens_per_s"] > 0
+    for r in rows:  # one step measured by fastpeft.memory, side by side
+        assert isinstance(r["saved_bytes"], int) and r["saved_bytes"] > 0, r
+        assert isinstance(r["peak_bytes"], int) and r["peak_bytes"] > 0, r
 
 
 def test_schema_check_refuses_bad_rows():

@@ -106,13 +106,15 @@ def test_every_public_function_class_and_method_has_a_docstring():
     import inspect
 
     import fastpeft.integrations
+    import fastpeft.memory
     import fastpeft.nn
     import fastpeft.ops
     import fastpeft.optim
     import fastpeft.quant
 
     missing = []
-    for mod in (fastpeft, fastpeft.nn, fastpeft.ops, fastpeft.optim, fastpeft.quant, fastpeft.integrations):
+    for mod in (fastpeft, fastpeft.nn, fastpeft.ops, fastpeft.optim, fastpeft.quant, fastpeft.integrations,
+                fastpeft.memory):
         for name in getattr(mod, "__all__", [n for n in dir(mod) if not n.startswith("_")]):
             obj = getattr(mod, name)
             if inspect.ismodule(obj) or not callable(obj) or getattr(obj, "__module__", "").startswith("typing"):

@@ -413,7 +413,7 @@ def _wrapper_class(model_cls: type) -> type:
 
 def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", mixed: bool = False,
                    autocast_adapter_dtype: bool = True, revision=None, low_cpu_mem_usage: bool = False,
-                   fused_loss: Optional[bool] = None, **method_kwargs) -> FastPeftModel:
+                   fused_loss: Optional[bool] = None, group_projections=True, **method_kwargs) -> FastPeftModel:
     """Replace the modules ``peft_config`` targets with fused fastpeft layers; freeze the rest.
 
     ``peft_config`` is a peft config object or a fastpeft config for a method peft lacks (see
@@ -432,7 +432,16 @@ def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default",
     ``labels`` the LM head and the loss run as ``fastpeft.ops.linear_cross_entropy``, so no
     ``[tokens, vocab]`` logits exist (the output's ``logits`` is then None); see
     ``fastpeft.integrations.fused_loss``. ``fused_loss=False`` keeps the model's own forward.
+
+    ``group_projections`` (LoRA): the targeted projections that read the same input (q/k/v, gate/up,
+    found by one example forward of ``model.dummy_inputs``) run as one fused op each
+    (``fastpeft.integrations.grouping``); names, checkpoints and peft interop do not change. Without
+    dropout the results equal peft's; with dropout a group shares one mask where peft draws one per
+    projection. ``False``: one fused op per projection. A dict: the example inputs
+    (``model(**inputs)``) to find the groups with, for models without ``dummy_inputs``.
     """
+    if not isinstance(group_projections, (bool, dict)):
+        raise TypeError(f"group_projections must be True, False or a dict of example inputs, got {group_projections!r}")
     if mixed:
         raise NotImplementedError("fastpeft.get_peft_model does not build mixed-adapter models; use peft (mixed=True)")
     if low_cpu_mem_usage:
@@ -460,6 +469,10 @@ def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default",
     injection.parameter_names = list(injection.parameter_names) + modules_to_save
     if not autocast_adapter_dtype:
         _keep_base_dtype(model)
+    if peft_type == "LORA" and group_projections is not False:
+        from fastpeft.integrations import grouping
+
+        grouping.group_projections(model, None if group_projections is True else group_projections)
     if fused_loss is None:
         fused_loss = _fused_loss.is_causal_lm(model)
     if fused_loss:

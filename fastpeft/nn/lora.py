@@ -128,7 +128,16 @@ class LoRALinear(nn.Module):
         return fused_lora_args(self.base_layer, self.lora_A.weight, self.lora_B.weight, x, self.base_kind)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base(x) + scaling * B(A(dropout(x)))`` in one fused op (the base alone when merged)."""
+        """``base(x) + scaling * B(A(dropout(x)))`` in one fused op (the base alone when merged).
+
+        A layer that ``fastpeft.integrations.grouping`` put in a group of projections reading the same
+        input runs through its group (one fused op for all members); see that module."""
+        group = self.__dict__.get("_shared_input_group")  # not a submodule: names and state_dict stay
+        if group is not None:
+            return group.member_forward(self, x)
+        return self._ungrouped_forward(x)
+
+    def _ungrouped_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
         self._check_input(x)
@@ -195,13 +204,14 @@ class LoRAProjectionGroup(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple:
         """Every member's output for the shared input ``x``, with one shrink GEMM over the stacked A."""
         if any(layer.merged for layer in self.layers):
-            return tuple(layer(x) for layer in self.layers)
+            return tuple(layer._ungrouped_forward(x) for layer in self.layers)
         args = [layer.forward_args(x) for layer in self.layers]
         dtypes = {a[0] for a in args}
         if len(dtypes) != 1:
             raise ValueError(f"layers of a group must share a compute dtype, got {sorted(map(str, dtypes))}")
         first = self.layers[0]
-        p = first.lora_dropout if self.training else 0.0
+        # The members' mode, not the group's: a group put into a model (grouping) is no submodule of it.
+        p = first.lora_dropout if first.training else 0.0
         outs = lora_linear_grouped(
             cast(x, args[0][0]),
             [a[1] for a in args],
