@@ -7,6 +7,9 @@ adapter parameters end up with peft's names: ``<module path>.lora_A.weight`` and
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
 from fastpeft.integrations.registry import Injection, register_method
@@ -34,7 +37,25 @@ _UNSUPPORTED_OPTIONS = {
 }
 
 
-def check_supported(config) -> None:
+# init_lora_weights values fastpeft's layers initialise themselves.
+_OWN_INITS = (True, False, "gaussian")
+
+
+def peft_init(config):
+    """The ``init_lora_weights`` value when it is one of peft's data-free initialisations that
+    fastpeft runs through peft's own code ("pissa", "pissa_niter_<K>", "olora", "loftq"), else None."""
+    init = config.init_lora_weights
+    if not isinstance(init, str):
+        return None
+    if init in ("pissa", "olora", "loftq"):
+        return init
+    prefix, _, niter = init.partition("_niter_")
+    return init if prefix == "pissa" and niter.isdigit() else None
+
+
+def check_supported(config, own_inits_only: bool = False) -> None:
+    """Raises NotImplementedError naming every LoraConfig option fastpeft's LoRA does not implement
+    (``own_inits_only``: also peft's PiSSA / OLoRA / LoftQ initialisations, for ``add_adapter``)."""
     problems = [
         f"{name}={getattr(config, name)!r}"
         for name, off in _UNSUPPORTED_OPTIONS.items()
@@ -42,13 +63,54 @@ def check_supported(config) -> None:
     ]
     if config.bias != "none":
         problems.append(f"bias={config.bias!r}")
-    if config.init_lora_weights not in (True, False, "gaussian"):
-        problems.append(f"init_lora_weights={config.init_lora_weights!r}")
+    init = config.init_lora_weights
+    if init == "eva":
+        problems.append("init_lora_weights='eva' (a data-driven init: peft's initialize_lora_eva_weights needs "
+                        "a dataloader and peft's model)")  # fmt: skip
+    elif init not in _OWN_INITS and (own_inits_only or peft_init(config) is None):
+        problems.append(f"init_lora_weights={init!r}")
     if problems:
         raise NotImplementedError(
             "fastpeft's LoRA does not implement these LoraConfig options: " + ", ".join(problems)
             + ". Use peft for them, or switch them off."
         )
+
+
+def check_peft_init_bases(modules: dict, init: str) -> None:
+    """Raises NotImplementedError (before anything changes) when a targeted base cannot take the
+    peft initialisation ``init``: PiSSA and LoftQ need dense float bases (peft's ``pissa_init``
+    refuses quantized weights; LoftQ quantizes a dense model itself), OLoRA runs on dense and 4-bit
+    bases (peft dequantizes, writes the residual and re-quantizes) but not on int8 ones here."""
+    from fastpeft.nn.base import base_kind
+
+    if init == "loftq" and not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
+        raise NotImplementedError(
+            "init_lora_weights='loftq': peft's loftq_init quantizes the weights on a CUDA (or XPU) device, and none is "
+            "available; run the LoftQ init on a GPU machine"
+        )
+    allowed = ("dense", "4bit") if init == "olora" else ("dense",)
+    bad = [f"{name} ({base_kind(m)})" for name, m in modules.items() if base_kind(m) not in allowed]
+    if bad:
+        what = "OLoRA" if init == "olora" else ("LoftQ" if init == "loftq" else "PiSSA")
+        raise NotImplementedError(
+            f"init_lora_weights={init!r}: fastpeft runs {what} on {' and '.join(allowed)} base layers only (it writes "
+            f"the residual into the base weight); these targeted modules are not: {', '.join(bad)}. Load the model "
+            "unquantized for the init, or use peft."
+        )
+
+
+def _peft_initialised_layers(model: nn.Module, config, names: list) -> dict:
+    """Run peft's own LoRA injection (and so its ``pissa_init`` / ``olora_init`` / ``loftq_init``,
+    which write the residual into the base weights) on ``model``; return name -> peft layer."""
+    import peft
+
+    config = copy.deepcopy(config)
+    config.modules_to_save = None
+    had_config = "peft_config" in model.__dict__
+    peft.inject_adapter_in_model(config, model, adapter_name="default")
+    if not had_config:
+        model.__dict__.pop("peft_config", None)
+    return {name: model.get_submodule(name) for name in names}
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -70,11 +132,22 @@ def inject_lora(model: nn.Module, config) -> list:
     names = target_module_names(model, config)
     modules = {name: model.get_submodule(name) for name in names}
     check_fused_bases(modules, "LoRA")
+    init = peft_init(config)
+    if init is not None:
+        check_peft_init_bases(modules, init)
+        peft_layers = _peft_initialised_layers(model, config, names)
     for name, module in modules.items():
         r = _pattern_value(config.rank_pattern, name, config.r)
         alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        layer = LoRALinear(module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
-                           use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)  # fmt: skip
+        if init is not None:  # peft's layer holds the (residual) base and the initialised factors
+            peft_layer = peft_layers[name]
+            module = peft_layer.base_layer
+        layer = LoRALinear(module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                           init_lora_weights=config.init_lora_weights if init is None else False)  # fmt: skip
+        if init is not None:
+            with torch.no_grad():
+                layer.lora_A.weight.copy_(peft_layer.lora_A["default"].weight)
+                layer.lora_B.weight.copy_(peft_layer.lora_B["default"].weight)
         replace_module(model, name, layer)
     return names
 
