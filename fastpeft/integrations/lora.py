@@ -16,6 +16,7 @@ from fastpeft.integrations.registry import Injection, register_method
 from fastpeft.integrations.targeting import (check_fused_bases, put_back_base_layers, replace_module,
                                              target_module_names, wrapped_layers)  # fmt: skip
 from fastpeft.nn.lora import LoRALinear
+from fastpeft.nn.lora_embedding import LoRAEmbedding, embedding_base_problem
 
 # LoraConfig fields fastpeft does not implement, with the value that means "off".
 _UNSUPPORTED_OPTIONS = {
@@ -123,7 +124,8 @@ def _pattern_value(pattern: dict, name: str, default):
 
 
 def inject_lora(model: nn.Module, config) -> list:
-    """Replace every targeted layer of ``model`` by a LoRALinear, in place; return their names.
+    """Replace every targeted layer of ``model`` by a LoRALinear (a LoRAEmbedding for an
+    ``nn.Embedding``), in place; return their names.
 
     Raises (before changing anything) if a targeted module is not a torch.nn.Linear, a
     bitsandbytes Linear4bit or an int8 bitsandbytes Linear8bitLt, naming each such module and why.
@@ -131,10 +133,15 @@ def inject_lora(model: nn.Module, config) -> list:
     check_supported(config)
     names = target_module_names(model, config)
     modules = {name: model.get_submodule(name) for name in names}
-    check_fused_bases(modules, "LoRA")
+    embeddings = {name: m for name, m in modules.items() if isinstance(m, nn.Embedding)}
+    bad = [f"{name} ({problem})" for name, m in embeddings.items() if (problem := embedding_base_problem(m))]
+    if bad:
+        raise NotImplementedError(f"fastpeft's embedding LoRA cannot adapt these targeted modules: {', '.join(bad)}. "
+                                  "Narrow target_modules, or use peft for them.")  # fmt: skip
+    check_fused_bases({n: m for n, m in modules.items() if n not in embeddings}, "LoRA")
     init = peft_init(config)
     if init is not None:
-        check_peft_init_bases(modules, init)
+        check_peft_init_bases({n: m for n, m in modules.items() if n not in embeddings}, init)
         peft_layers = _peft_initialised_layers(model, config, names)
     for name, module in modules.items():
         r = _pattern_value(config.rank_pattern, name, config.r)
@@ -142,6 +149,15 @@ def inject_lora(model: nn.Module, config) -> list:
         if init is not None:  # peft's layer holds the (residual) base and the initialised factors
             peft_layer = peft_layers[name]
             module = peft_layer.base_layer
+        if name in embeddings:
+            layer = LoRAEmbedding(module, r=r, lora_alpha=alpha, use_rslora=config.use_rslora,
+                                  init_lora_weights=config.init_lora_weights if init is None else False)  # fmt: skip
+            if init is not None:
+                with torch.no_grad():
+                    layer.lora_embedding_A.copy_(peft_layer.lora_embedding_A["default"])
+                    layer.lora_embedding_B.copy_(peft_layer.lora_embedding_B["default"])
+            replace_module(model, name, layer)
+            continue
         layer = LoRALinear(module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                            init_lora_weights=config.init_lora_weights if init is None else False)  # fmt: skip
         if init is not None:
@@ -154,16 +170,17 @@ def inject_lora(model: nn.Module, config) -> list:
 
 def lora_parameter_names(model: nn.Module) -> list:
     """Names (relative to ``model``) of every LoRA adapter parameter."""
-    return [
-        f"{name}.{part}.weight"
-        for name, module in model.named_modules()
-        if isinstance(module, LoRALinear)
-        for part in ("lora_A", "lora_B")
-    ]
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            names += [f"{name}.lora_A.weight", f"{name}.lora_B.weight"]
+        elif isinstance(module, LoRAEmbedding):
+            names += [f"{name}.lora_embedding_A", f"{name}.lora_embedding_B"]
+    return names
 
 
 def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
-    layers = wrapped_layers(model, LoRALinear)
+    layers = wrapped_layers(model, (LoRALinear, LoRAEmbedding))
     if merge:
         for _, module in layers:
             module.merge()  # raises for quantized bases before any layer is replaced
@@ -171,22 +188,63 @@ def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every LoRALinear into its dense base layer and put the base layer back in its place."""
+    """Fold every LoRALinear (and LoRAEmbedding) into its dense base layer and put the base layer back in its place."""
     return _replace_lora_layers(model, merge=True)
 
 
 def unload_lora(model: nn.Module) -> nn.Module:
-    """Put every LoRALinear's base layer back in its place, dropping the adapter (no merge)."""
+    """Put every LoRALinear's (and LoRAEmbedding's) base layer back in its place, dropping the adapter (no merge)."""
     return _replace_lora_layers(model, merge=False)
 
 
+def saved_embedding_base_names(model: nn.Module, config) -> list:
+    """Names of the frozen embedding weights peft's checkpoint also holds (its default
+    ``save_embedding_layers="auto"``): when an ``EMBEDDING_LAYER_NAMES`` entry ("embed_tokens",
+    "lm_head") is in ``target_modules``, the base weight of each targeted input / output embedding
+    (``<module>.base_layer.weight``)."""
+    from peft.utils.other import EMBEDDING_LAYER_NAMES
+
+    targets = config.target_modules
+    if not targets or not any(k in targets for k in EMBEDDING_LAYER_NAMES):
+        return []
+    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
+        return []
+    layers = {id(m): n for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))}
+    names = []
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if layer is not None and id(layer) in layers and layers[id(layer)] + ".base_layer.weight" not in names:
+            names.append(layers[id(layer)] + ".base_layer.weight")
+    return names
+
+
 def _inject(model: nn.Module, config) -> Injection:
+    from fastpeft.integrations import checkpoint
+
     inject_lora(model, config)
-    return Injection(
+    base_names = saved_embedding_base_names(model, config)
+    injection = Injection(
         parameter_names=lora_parameter_names(model),
         unload=lambda: unload_lora(model),
         merge_and_unload=lambda: merge_and_unload(model),
     )
+    if base_names:  # peft's checkpoint carries these embedding weights too; loading them is optional
+
+        def state_dict() -> dict:
+            params = dict(model.named_parameters())
+            return {checkpoint.PEFT_PREFIX + n: params[n] for n in list(injection.parameter_names) + base_names}
+
+        @torch.no_grad()
+        def load_state_dict(tensors: dict) -> None:
+            own = state_dict()
+            optional = {checkpoint.PEFT_PREFIX + n for n in base_names}
+            expected = {k: v for k, v in own.items() if k in tensors or k not in optional}
+            checkpoint.check_tensors(tensors, expected, "the checkpoint")
+            for key, value in tensors.items():
+                expected[key].copy_(value.to(expected[key].dtype))
+
+        injection.state_dict = state_dict
+        injection.load_state_dict = load_state_dict
+    return injection
 
 
 register_method("LORA", _inject)

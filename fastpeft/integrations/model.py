@@ -276,6 +276,12 @@ class FastPeftModel(nn.Module):
                 f"{what} is implemented for LoRA and (IA)^3 adapters; this model's method is {self.peft_type}. "
                 "Use peft for it."
             )
+        from fastpeft.nn.lora_embedding import LoRAEmbedding
+
+        if any(isinstance(m, LoRAEmbedding) for m in self.base_model.model.modules()):
+            raise NotImplementedError(
+                f"{what} is not implemented for models with embedding LoRA layers (LoRAEmbedding); use peft for it"
+            )
         if not self._multi and several:
             _adapters.to_multi(self.base_model.model, self.peft_type, next(iter(self._configs)))
             self._multi = True
@@ -478,9 +484,10 @@ def _keep_base_dtype(model: nn.Module) -> None:
     is a float dtype (quantized bases keep float32 adapters)."""
     from fastpeft.nn.ia3 import IA3Linear
     from fastpeft.nn.lora import LoRALinear
+    from fastpeft.nn.lora_embedding import LoRAEmbedding
 
     for module in model.modules():
-        if isinstance(module, (LoRALinear, IA3Linear)):
+        if isinstance(module, (LoRALinear, IA3Linear, LoRAEmbedding)):
             dtype = module.base_layer.weight.dtype
             if not dtype.is_floating_point:
                 continue

@@ -162,3 +162,15 @@ def test_add_adapter_refuses_peft_inits():
     fast = fastpeft.get_peft_model(tiny_model("llama"), lora_config("llama"))
     with pytest.raises(NotImplementedError, match="init_lora_weights='pissa'"):
         fast.add_adapter("second", lora_config("llama", init_lora_weights="pissa"))
+
+
+def test_pissa_with_a_targeted_embedding_matches_peft():
+    """peft's PiSSA changes the linear bases only; its embedding LoRA keeps the usual init."""
+    model = tiny_model("llama")
+    peft_model, fast = _twins(model, lora_config("llama", target_modules=["embed_tokens", "q_proj"],
+                                                 init_lora_weights="pissa"))  # fmt: skip
+    from fastpeft.nn import LoRAEmbedding
+
+    assert isinstance(fast.base_model.model.model.embed_tokens, LoRAEmbedding)
+    _assert_same_init(peft_model, fast, base_changed_from=model)
+    assert_parity(peft_model, fast, batch("llama"), scale=20)
