@@ -182,6 +182,8 @@ def lora_parameter_names(model: nn.Module) -> list:
 def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
     layers = wrapped_layers(model, (LoRALinear, LoRAEmbedding))
     if merge:
+        # Linear layers first: a quantized base raises there before any (embedding) weight changes.
+        layers.sort(key=lambda item: not isinstance(item[1], LoRALinear))
         for _, module in layers:
             module.merge()  # raises for quantized bases before any layer is replaced
     return put_back_base_layers(model, layers)

@@ -184,3 +184,13 @@ def test_checkpoint_without_the_base_embedding_loads():
     fast._assign_adapter(state)
     with pytest.raises(fastpeft.integrations.checkpoint.CheckpointError, match="missing keys"):
         fast._assign_adapter({k: v for k, v in state.items() if "lora_embedding_B" not in k})
+
+
+def test_merge_on_nf4_model_raises_before_the_embedding_changes(tmp_path):
+    _, _, fast = _twins("llama", model=tiny_model_4bit("llama", tmp_path))
+    weight = fast.base_model.model.model.embed_tokens.base_layer.weight.clone()
+    with pytest.raises(NotImplementedError, match="dense base"):
+        fast.merge_and_unload()
+    layer = fast.base_model.model.model.embed_tokens
+    assert isinstance(layer, LoRAEmbedding) and not layer.merged
+    assert torch.equal(layer.base_layer.weight, weight)
