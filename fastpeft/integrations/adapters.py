@@ -393,7 +393,7 @@ def add_adapter(model: nn.Module, peft_type: str, adapter_name: str, config) -> 
         from fastpeft.integrations.lora import _pattern_value, check_supported
     else:
         from fastpeft.integrations.ia3 import apply_model_type_defaults, check_supported, is_feedforward
-    check_supported(config)
+    check_supported(config, **({"own_inits_only": True} if peft_type == "LORA" else {}))
     if getattr(config, "modules_to_save", None):
         raise NotImplementedError("fastpeft's add_adapter does not take modules_to_save; train those modules with peft")
     with _BaseView(model):

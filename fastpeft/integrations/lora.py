@@ -7,12 +7,16 @@ adapter parameters end up with peft's names: ``<module path>.lora_A.weight`` and
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
 from fastpeft.integrations.registry import Injection, register_method
 from fastpeft.integrations.targeting import (check_fused_bases, put_back_base_layers, replace_module,
                                              target_module_names, wrapped_layers)  # fmt: skip
 from fastpeft.nn.lora import LoRALinear
+from fastpeft.nn.lora_embedding import LoRAEmbedding, embedding_base_problem
 
 # LoraConfig fields fastpeft does not implement, with the value that means "off".
 _UNSUPPORTED_OPTIONS = {
@@ -34,7 +38,25 @@ _UNSUPPORTED_OPTIONS = {
 }
 
 
-def check_supported(config) -> None:
+# init_lora_weights values fastpeft's layers initialise themselves.
+_OWN_INITS = (True, False, "gaussian")
+
+
+def peft_init(config):
+    """The ``init_lora_weights`` value when it is one of peft's data-free initialisations that
+    fastpeft runs through peft's own code ("pissa", "pissa_niter_<K>", "olora", "loftq"), else None."""
+    init = config.init_lora_weights
+    if not isinstance(init, str):
+        return None
+    if init in ("pissa", "olora", "loftq"):
+        return init
+    prefix, _, niter = init.partition("_niter_")
+    return init if prefix == "pissa" and niter.isdigit() else None
+
+
+def check_supported(config, own_inits_only: bool = False) -> None:
+    """Raises NotImplementedError naming every LoraConfig option fastpeft's LoRA does not implement
+    (``own_inits_only``: also peft's PiSSA / OLoRA / LoftQ initialisations, for ``add_adapter``)."""
     problems = [
         f"{name}={getattr(config, name)!r}"
         for name, off in _UNSUPPORTED_OPTIONS.items()
@@ -42,13 +64,54 @@ def check_supported(config) -> None:
     ]
     if config.bias != "none":
         problems.append(f"bias={config.bias!r}")
-    if config.init_lora_weights not in (True, False, "gaussian"):
-        problems.append(f"init_lora_weights={config.init_lora_weights!r}")
+    init = config.init_lora_weights
+    if init == "eva":
+        problems.append("init_lora_weights='eva' (a data-driven init: peft's initialize_lora_eva_weights needs "
+                        "a dataloader and peft's model)")  # fmt: skip
+    elif init not in _OWN_INITS and (own_inits_only or peft_init(config) is None):
+        problems.append(f"init_lora_weights={init!r}")
     if problems:
         raise NotImplementedError(
             "fastpeft's LoRA does not implement these LoraConfig options: " + ", ".join(problems)
             + ". Use peft for them, or switch them off."
         )
+
+
+def check_peft_init_bases(modules: dict, init: str) -> None:
+    """Raises NotImplementedError (before anything changes) when a targeted base cannot take the
+    peft initialisation ``init``: PiSSA and LoftQ need dense float bases (peft's ``pissa_init``
+    refuses quantized weights; LoftQ quantizes a dense model itself), OLoRA runs on dense and 4-bit
+    bases (peft dequantizes, writes the residual and re-quantizes) but not on int8 ones here."""
+    from fastpeft.nn.base import base_kind
+
+    if init == "loftq" and not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
+        raise NotImplementedError(
+            "init_lora_weights='loftq': peft's loftq_init quantizes the weights on a CUDA (or XPU) device, and none is "
+            "available; run the LoftQ init on a GPU machine"
+        )
+    allowed = ("dense", "4bit") if init == "olora" else ("dense",)
+    bad = [f"{name} ({base_kind(m)})" for name, m in modules.items() if base_kind(m) not in allowed]
+    if bad:
+        what = "OLoRA" if init == "olora" else ("LoftQ" if init == "loftq" else "PiSSA")
+        raise NotImplementedError(
+            f"init_lora_weights={init!r}: fastpeft runs {what} on {' and '.join(allowed)} base layers only (it writes "
+            f"the residual into the base weight); these targeted modules are not: {', '.join(bad)}. Load the model "
+            "unquantized for the init, or use peft."
+        )
+
+
+def _peft_initialised_layers(model: nn.Module, config, names: list) -> dict:
+    """Run peft's own LoRA injection (and so its ``pissa_init`` / ``olora_init`` / ``loftq_init``,
+    which write the residual into the base weights) on ``model``; return name -> peft layer."""
+    import peft
+
+    config = copy.deepcopy(config)
+    config.modules_to_save = None
+    had_config = "peft_config" in model.__dict__
+    peft.inject_adapter_in_model(config, model, adapter_name="default")
+    if not had_config:
+        model.__dict__.pop("peft_config", None)
+    return {name: model.get_submodule(name) for name in names}
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -61,7 +124,8 @@ def _pattern_value(pattern: dict, name: str, default):
 
 
 def inject_lora(model: nn.Module, config) -> list:
-    """Replace every targeted layer of ``model`` by a LoRALinear, in place; return their names.
+    """Replace every targeted layer of ``model`` by a LoRALinear (a LoRAEmbedding for an
+    ``nn.Embedding``), in place; return their names.
 
     Raises (before changing anything) if a targeted module is not a torch.nn.Linear, a
     bitsandbytes Linear4bit or an int8 bitsandbytes Linear8bitLt, naming each such module and why.
@@ -69,51 +133,120 @@ def inject_lora(model: nn.Module, config) -> list:
     check_supported(config)
     names = target_module_names(model, config)
     modules = {name: model.get_submodule(name) for name in names}
-    check_fused_bases(modules, "LoRA")
+    embeddings = {name: m for name, m in modules.items() if isinstance(m, nn.Embedding)}
+    bad = [f"{name} ({problem})" for name, m in embeddings.items() if (problem := embedding_base_problem(m))]
+    if bad:
+        raise NotImplementedError(f"fastpeft's embedding LoRA cannot adapt these targeted modules: {', '.join(bad)}. "
+                                  "Narrow target_modules, or use peft for them.")  # fmt: skip
+    check_fused_bases({n: m for n, m in modules.items() if n not in embeddings}, "LoRA")
+    init = peft_init(config)
+    if init is not None:
+        check_peft_init_bases({n: m for n, m in modules.items() if n not in embeddings}, init)
+        peft_layers = _peft_initialised_layers(model, config, names)
     for name, module in modules.items():
         r = _pattern_value(config.rank_pattern, name, config.r)
         alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        layer = LoRALinear(module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
-                           use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)  # fmt: skip
+        if init is not None:  # peft's layer holds the (residual) base and the initialised factors
+            peft_layer = peft_layers[name]
+            module = peft_layer.base_layer
+        if name in embeddings:
+            layer = LoRAEmbedding(module, r=r, lora_alpha=alpha, use_rslora=config.use_rslora,
+                                  init_lora_weights=config.init_lora_weights if init is None else False)  # fmt: skip
+            if init is not None:
+                with torch.no_grad():
+                    layer.lora_embedding_A.copy_(peft_layer.lora_embedding_A["default"])
+                    layer.lora_embedding_B.copy_(peft_layer.lora_embedding_B["default"])
+            replace_module(model, name, layer)
+            continue
+        layer = LoRALinear(module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                           init_lora_weights=config.init_lora_weights if init is None else False)  # fmt: skip
+        if init is not None:
+            with torch.no_grad():
+                layer.lora_A.weight.copy_(peft_layer.lora_A["default"].weight)
+                layer.lora_B.weight.copy_(peft_layer.lora_B["default"].weight)
         replace_module(model, name, layer)
     return names
 
 
 def lora_parameter_names(model: nn.Module) -> list:
     """Names (relative to ``model``) of every LoRA adapter parameter."""
-    return [
-        f"{name}.{part}.weight"
-        for name, module in model.named_modules()
-        if isinstance(module, LoRALinear)
-        for part in ("lora_A", "lora_B")
-    ]
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            names += [f"{name}.lora_A.weight", f"{name}.lora_B.weight"]
+        elif isinstance(module, LoRAEmbedding):
+            names += [f"{name}.lora_embedding_A", f"{name}.lora_embedding_B"]
+    return names
 
 
 def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
-    layers = wrapped_layers(model, LoRALinear)
+    layers = wrapped_layers(model, (LoRALinear, LoRAEmbedding))
     if merge:
+        # Linear layers first: a quantized base raises there before any (embedding) weight changes.
+        layers.sort(key=lambda item: not isinstance(item[1], LoRALinear))
         for _, module in layers:
             module.merge()  # raises for quantized bases before any layer is replaced
     return put_back_base_layers(model, layers)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every LoRALinear into its dense base layer and put the base layer back in its place."""
+    """Fold every LoRALinear (and LoRAEmbedding) into its dense base layer and put the base layer back in its place."""
     return _replace_lora_layers(model, merge=True)
 
 
 def unload_lora(model: nn.Module) -> nn.Module:
-    """Put every LoRALinear's base layer back in its place, dropping the adapter (no merge)."""
+    """Put every LoRALinear's (and LoRAEmbedding's) base layer back in its place, dropping the adapter (no merge)."""
     return _replace_lora_layers(model, merge=False)
 
 
+def saved_embedding_base_names(model: nn.Module, config) -> list:
+    """Names of the frozen embedding weights peft's checkpoint also holds (its default
+    ``save_embedding_layers="auto"``): when an ``EMBEDDING_LAYER_NAMES`` entry ("embed_tokens",
+    "lm_head") is in ``target_modules``, the base weight of each targeted input / output embedding
+    (``<module>.base_layer.weight``)."""
+    from peft.utils.other import EMBEDDING_LAYER_NAMES
+
+    targets = config.target_modules
+    if not targets or not any(k in targets for k in EMBEDDING_LAYER_NAMES):
+        return []
+    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
+        return []
+    layers = {id(m): n for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))}
+    names = []
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if layer is not None and id(layer) in layers and layers[id(layer)] + ".base_layer.weight" not in names:
+            names.append(layers[id(layer)] + ".base_layer.weight")
+    return names
+
+
 def _inject(model: nn.Module, config) -> Injection:
+    from fastpeft.integrations import checkpoint
+
     inject_lora(model, config)
-    return Injection(
+    base_names = saved_embedding_base_names(model, config)
+    injection = Injection(
         parameter_names=lora_parameter_names(model),
         unload=lambda: unload_lora(model),
         merge_and_unload=lambda: merge_and_unload(model),
     )
+    if base_names:  # peft's checkpoint carries these embedding weights too; loading them is optional
+
+        def state_dict() -> dict:
+            params = dict(model.named_parameters())
+            return {checkpoint.PEFT_PREFIX + n: params[n] for n in list(injection.parameter_names) + base_names}
+
+        @torch.no_grad()
+        def load_state_dict(tensors: dict) -> None:
+            own = state_dict()
+            optional = {checkpoint.PEFT_PREFIX + n for n in base_names}
+            expected = {k: v for k, v in own.items() if k in tensors or k not in optional}
+            checkpoint.check_tensors(tensors, expected, "the checkpoint")
+            for key, value in tensors.items():
+                expected[key].copy_(value.to(expected[key].dtype))
+
+        injection.state_dict = state_dict
+        injection.load_state_dict = load_state_dict
+    return injection
 
 
 register_method("LORA", _inject)

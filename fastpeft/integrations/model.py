@@ -280,6 +280,12 @@ class FastPeftModel(nn.Module):
                 f"{what} is implemented for LoRA and (IA)^3 adapters; this model's method is {self.peft_type}. "
                 "Use peft for it."
             )
+        from fastpeft.nn.lora_embedding import LoRAEmbedding
+
+        if any(isinstance(m, LoRAEmbedding) for m in self.base_model.model.modules()):
+            raise NotImplementedError(
+                f"{what} is not implemented for models with embedding LoRA layers (LoRAEmbedding); use peft for it"
+            )
         if not self._multi and several:
             _adapters.to_multi(self.base_model.model, self.peft_type, next(iter(self._configs)))
             self._multi = True
@@ -381,14 +387,33 @@ class FastPeftModel(nn.Module):
 
     # ---- training helpers --------------------------------------------------------------------------
 
-    def create_optimizer(self, **kwargs) -> torch.optim.Optimizer:
+    def create_optimizer(self, optimizer_cls=None, *, loraplus_lr_ratio=None, **kwargs) -> torch.optim.Optimizer:
         """The optimizer this method trains with, over the trainable parameters: ``torch.optim.AdamW``
         for module adapters, ``fastpeft.optim.SparseMaskedAdamW`` for sparse methods (BitFit,
-        FishMask). ``kwargs`` (lr, betas, eps, weight_decay ...) go to the optimizer."""
+        FishMask). ``kwargs`` (lr, betas, eps, weight_decay ...) go to the optimizer.
+
+        ``loraplus_lr_ratio`` (LoRA only) builds a LoRA+ optimizer with exactly the parameter groups
+        of peft's ``peft.optimizers.create_loraplus_optimizer``: A matrices (and other weights) at
+        ``lr``, B matrices and 1-d parameters at ``lr * loraplus_lr_ratio``, embedding LoRA factors at
+        ``loraplus_lr_embedding`` (default 1e-6), weight decay ``loraplus_weight_decay`` (default 0.0;
+        0.0 for B-group biases and LayerNorm parameters). ``lr`` is then required and
+        ``optimizer_cls`` (default ``torch.optim.AdamW``) gets the groups and the remaining kwargs."""
+        if loraplus_lr_ratio is not None:
+            from fastpeft.integrations.loraplus import create_loraplus_optimizer
+
+            if self.peft_type != "LORA":
+                raise ValueError(f"loraplus_lr_ratio is for LoRA adapters; this model's method is {self.peft_type}")
+            return create_loraplus_optimizer(self, optimizer_cls or torch.optim.AdamW,
+                                             loraplus_lr_ratio=loraplus_lr_ratio, **kwargs)  # fmt: skip
+        for name in ("loraplus_lr_embedding", "loraplus_weight_decay"):
+            if name in kwargs:
+                raise ValueError(f"{name} is a LoRA+ option: pass loraplus_lr_ratio too")
         params = [p for p in self.parameters() if p.requires_grad]
         if self._injection.optimizer is not None:
+            if optimizer_cls is not None:
+                raise ValueError(f"{self.peft_type} trains with its own optimizer; optimizer_cls must be None")
             return self._injection.optimizer(params, **kwargs)
-        return torch.optim.AdamW(params, **kwargs)
+        return (optimizer_cls or torch.optim.AdamW)(params, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         """Turn on the wrapped model's gradient checkpointing. The embeddings are frozen, so their
@@ -487,9 +512,10 @@ def _keep_base_dtype(model: nn.Module) -> None:
     is a float dtype (quantized bases keep float32 adapters)."""
     from fastpeft.nn.ia3 import IA3Linear
     from fastpeft.nn.lora import LoRALinear
+    from fastpeft.nn.lora_embedding import LoRAEmbedding
 
     for module in model.modules():
-        if isinstance(module, (LoRALinear, IA3Linear)):
+        if isinstance(module, (LoRALinear, IA3Linear, LoRAEmbedding)):
             dtype = module.base_layer.weight.dtype
             if not dtype.is_floating_point:
                 continue

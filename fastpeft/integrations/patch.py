@@ -31,7 +31,7 @@ from collections import Counter
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from fastpeft.integrations import patch_ia3
+from fastpeft.integrations import patch_ia3, patch_lora_embedding
 from fastpeft.nn import base as _frozen
 from fastpeft.nn.base import frozen_base  # noqa: F401  (patch_ia3 and the fused forwards use it)
 from fastpeft.nn.base import base_layer_problem, keep_standard_4bit_layout
@@ -200,8 +200,10 @@ def _lora_layer_types() -> tuple:
 def _reason_not_fusable(module) -> str | None:
     """Why fastpeft can never run this LoRA layer (its class or its base), or None."""
     # Exact classes: a subclass (AdaLoRA's SVDLinear, ...) computes something else in its forward.
+    if patch_lora_embedding.is_embedding_layer(module):
+        return patch_lora_embedding.reason_not_fusable(module)
     if type(module) not in _lora_layer_types():
-        return f"{type(module).__name__} LoRA layers are not fused (only Linear / Linear4bit / Linear8bitLt)"
+        return f"{type(module).__name__} LoRA layers are not fused (only Linear / Linear4bit / Linear8bitLt / Embedding)"
     return _lora_base_reason(module)
 
 
@@ -221,6 +223,8 @@ def lora_forward_problem(layer, args=(), kwargs=None):
     """(adapter, None) when the fused op computes exactly what peft's forward would for this call,
     else (None, reason)."""
     modules = layer._modules
+    if type(layer) is patch_lora_embedding.embedding_class():
+        return patch_lora_embedding.forward_problem(layer, args, kwargs)
     base = modules["base_layer"]
     reason = common_forward_problem(layer, args, kwargs or {}, base)
     if reason is not None:
@@ -297,7 +301,8 @@ def _other_tuner_name(module) -> str | None:
 
 
 def patch(peft_model: nn.Module, warn: bool = True) -> PatchReport:
-    """Switch every LoRA and (IA)^3 layer of a peft model to fastpeft's fused kernels, in place.
+    """Switch every LoRA (Linear, Linear4bit, Linear8bitLt, Embedding) and (IA)^3 layer of a peft
+    model to fastpeft's fused kernels, in place.
 
     Safe to call again at any time (after ``add_adapter``, ``set_adapter`` ...): new layers are
     switched, layers patched before are left as they are and their state re-checked. Returns a
@@ -326,6 +331,8 @@ def patch(peft_model: nn.Module, warn: bool = True) -> PatchReport:
             if _forward_replaced(module):  # someone else (accelerate ...) wrapped this layer's forward
                 report.skipped[name] = "the layer's forward is already replaced (a hook wraps it)"
                 continue
+            if family_name == "LoRA" and patch_lora_embedding.is_embedding_layer(module):
+                fused_forward = patch_lora_embedding.fused_forward
             module.forward = types.MethodType(fused_forward, module)
             setattr(module, _MARK, True)
             keep_standard_4bit_layout(module.get_base_layer())  # peft's path may run bitsandbytes' forward

@@ -3,12 +3,13 @@
 from fastpeft.nn.adapter import BottleneckAdapter, BottleneckAdapterStack
 from fastpeft.nn.ia3 import IA3Linear
 from fastpeft.nn.lora import LoRALinear, LoRAProjectionGroup
+from fastpeft.nn.lora_embedding import LoRAEmbedding
 from fastpeft.nn.multi_lora import MultiLoRALinear
 from fastpeft.nn.prefix import PrefixEncoder
 from fastpeft.nn.soft_prompt import PromptEncoder, SoftPrompt
 from fastpeft.nn.sparse_delta import SparseDeltaLinear
 
 __all__ = [
-    "BottleneckAdapter", "BottleneckAdapterStack", "IA3Linear", "LoRALinear", "LoRAProjectionGroup",
+    "BottleneckAdapter", "BottleneckAdapterStack", "IA3Linear", "LoRAEmbedding", "LoRALinear", "LoRAProjectionGroup",
     "MultiLoRALinear", "PrefixEncoder", "PromptEncoder", "SoftPrompt", "SparseDeltaLinear",
 ]  # fmt: skip

@@ -177,8 +177,8 @@ def test_unsupported_options_and_modules_raise_before_touching_the_model():
     fingerprint = _model_fingerprint(model)
     with pytest.raises(NotImplementedError, match="use_dora=True"):
         fastpeft.get_peft_model(model, lora_config("llama", use_dora=True))
-    with pytest.raises(NotImplementedError, match=r"embed_tokens \(Embedding\)"):
-        fastpeft.get_peft_model(model, lora_config("llama", target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(NotImplementedError, match=r"rotary_emb \(LlamaRotaryEmbedding\)"):
+        fastpeft.get_peft_model(model, lora_config("llama", target_modules=["q_proj", "rotary_emb"]))
     with pytest.raises(ValueError, match="matched no module"):
         fastpeft.get_peft_model(model, lora_config("llama", target_modules=["nonexistent"]))
     with pytest.raises(NotImplementedError, match=r"supports \[.*'LORA'.*\] configs, got LoHaConfig"):
@@ -250,12 +250,14 @@ def test_patch_and_unpatch_a_peft_model():
 
 def test_patch_reports_every_layer_it_cannot_fuse():
     config = lora_config("llama", target_modules=["q_proj", "v_proj", "embed_tokens"])
-    peft_model = peft.get_peft_model(tiny_model("llama"), config)
+    model = tiny_model("llama")
+    model.model.embed_tokens.max_norm = 1.0  # embedding LoRA is fused, but not over max_norm embeddings
+    peft_model = peft.get_peft_model(model, config)
     with pytest.warns(UserWarning, match="2 x|1 x"):
         report = fastpeft.patch(peft_model)
     assert len(report.patched) == 4  # q and v in 2 layers
     assert list(report.skipped) == ["base_model.model.model.embed_tokens"]
-    assert "Embedding LoRA layers are not fused" in report.skipped["base_model.model.model.embed_tokens"]
+    assert "max_norm" in report.skipped["base_model.model.model.embed_tokens"]
     dora = peft.get_peft_model(tiny_model("llama"), lora_config("llama", use_dora=True))
     report = fastpeft.patch(dora, warn=False)
     assert not report.patched and all("DoRA" in r for r in report.skipped.values())
