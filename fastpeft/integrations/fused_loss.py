@@ -18,7 +18,7 @@ runs the model's forward.
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Optional
 
 import torch
@@ -98,7 +98,9 @@ def install(model: nn.Module) -> None:
         raise ValueError(f"fused_loss needs a transformers *ForCausalLM model with lm_head, got {type(model).__name__}")
     if getattr(model, _MARK, False):
         return
-    model.forward = types.MethodType(_fused_forward, model)
+    # A partial of the module-level function (not a bound method) so the model still pickles
+    # (torch.save of the whole model) and deep-copies onto the copy.
+    model.forward = functools.partial(_fused_forward, model)
     setattr(model, _MARK, True)
 
 

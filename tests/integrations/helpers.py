@@ -82,11 +82,11 @@ def peft_to_fastpeft_name(name: str) -> str:
     return name.removeprefix("_orig_mod.").replace(".modules_to_save.default", "").replace(".default", "")
 
 
-def twins(model, config):
+def twins(model, config, **fast_kwargs):
     """(peft model, fastpeft model) over copies of ``model`` with identical adapter weights."""
     peft_model = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
     randomize_lora_B(peft_model)
-    fast = fastpeft.get_peft_model(copy.deepcopy(model), config)
+    fast = fastpeft.get_peft_model(copy.deepcopy(model), config, **fast_kwargs)
     fast._assign_adapter(peft.get_peft_model_state_dict(peft_model))
     return peft_model, fast
 
@@ -149,3 +149,8 @@ def assert_parity(reference, fast, inputs, scale=10.0) -> dict:
     for name in grads_p:
         assert_close(grads_f[name], grads_p[name], scale=scale, msg=name)
     return grads_f
+
+
+def unlabelled(inputs: dict) -> dict:
+    """``inputs`` without labels: a causal LM with fastpeft's fused loss returns logits then."""
+    return {k: v for k, v in inputs.items() if k != "labels"}
