@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "linear_cross_entropy/linear_cross_entropy.h"
 
@@ -24,6 +25,28 @@ void rows(scalar_t* logits, const int64_t* labels, float* loss, int64_t C, int64
       if (label == p.ignore_index) {
         loss[i] = 0.0f;
         for (int64_t j = 0; j < V; ++j) x[j] = scalar_t(0);
+        continue;
+      }
+      if (cap <= 0 && std::is_same<scalar_t, float>::value) {
+        // Without soft-capping, in float32: exp once per element. Pass 1 the row max, pass 2 the
+        // exponentials (stored over the row) and their sum, pass 3 one multiply per element.
+        float* xf = reinterpret_cast<float*>(x);
+        const float x_label = xf[label];
+        float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < V; ++j) m = std::max(m, xf[j]);
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < V; ++j) {
+          const float e = std::exp(xf[j] - m);
+          xf[j] = e;
+          s += e;
+        }
+        loss[i] = m + std::log(s) - x_label;
+        const float k = scale / s;
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) xf[j] *= k;
+        xf[label] -= scale;
         continue;
       }
       auto z_of = [&](int64_t j) {
