@@ -155,6 +155,20 @@ def common_forward_problem(layer, args: tuple, kwargs: dict, base=None):
     return None
 
 
+def single_plain_adapter(layer, container):
+    """(the one active adapter of ``container`` on ``layer``, None), or (None, why the fused op cannot
+    run it): no active adapter, several, or a LoRA variant (DoRA ...)."""
+    adapters = present_active_adapters(layer, container)
+    if not adapters:
+        return None, "no active adapter on this layer"
+    if len(adapters) > 1:
+        return None, f"{len(adapters)} active adapters on one layer"
+    adapter = adapters[0]
+    if adapter in layer.lora_variant:
+        return None, f"LoRA variant {type(layer.lora_variant[adapter]).__name__} (e.g. DoRA)"
+    return adapter, None
+
+
 def present_active_adapters(layer, container) -> list:
     """The active adapters that exist on this layer (peft skips the others)."""
     active = layer._active_adapter  # peft's active_adapters, without the property
@@ -234,14 +248,9 @@ def lora_forward_problem(layer, args=(), kwargs=None):
         if reason is not None:
             return None, reason
     lora_A = modules["lora_A"]._modules
-    adapters = present_active_adapters(layer, lora_A)
-    if not adapters:
-        return None, "no active adapter on this layer"
-    if len(adapters) > 1:
-        return None, f"{len(adapters)} active adapters on one layer"
-    adapter = adapters[0]
-    if adapter in layer.lora_variant:
-        return None, f"LoRA variant {type(layer.lora_variant[adapter]).__name__} (e.g. DoRA)"
+    adapter, reason = single_plain_adapter(layer, lora_A)
+    if reason is not None:
+        return None, reason
     down, up = lora_A[adapter], modules["lora_B"]._modules[adapter]
     if type(down) is not nn.Linear or type(up) is not nn.Linear:
         return None, f"LoRA factors {type(down).__name__} / {type(up).__name__} (not nn.Linear)"

@@ -36,7 +36,7 @@ def reason_not_fusable(module):
 def forward_problem(layer, args=(), kwargs=None):
     """(adapter, None) when the fused embedding forward computes exactly what peft's would for this
     call, else (None, reason)."""
-    from fastpeft.integrations.patch import common_forward_problem, present_active_adapters
+    from fastpeft.integrations.patch import common_forward_problem, single_plain_adapter
 
     modules = layer._modules
     base = modules["base_layer"]
@@ -46,15 +46,9 @@ def forward_problem(layer, args=(), kwargs=None):
     reason = reason_not_fusable(layer)  # the base may have been swapped or changed
     if reason is not None:
         return None, reason
-    container = modules["lora_embedding_A"]._parameters
-    adapters = present_active_adapters(layer, container)
-    if not adapters:
-        return None, "no active adapter on this layer"
-    if len(adapters) > 1:
-        return None, f"{len(adapters)} active adapters on one layer"
-    adapter = adapters[0]
-    if adapter in layer.lora_variant:
-        return None, f"LoRA variant {type(layer.lora_variant[adapter]).__name__} (e.g. DoRA)"
+    adapter, reason = single_plain_adapter(layer, modules["lora_embedding_A"]._parameters)
+    if reason is not None:
+        return None, reason
     if layer.__dict__.get("input_fns", {}).get(adapter) is not None or layer.__dict__.get("output_fns", {}).get(adapter):
         return None, "tensor-parallel embedding LoRA (input / output functions)"
     return adapter, None

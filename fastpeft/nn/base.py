@@ -149,6 +149,13 @@ def frozen_weight(base_layer: nn.Module, kind: str, dtype: torch.dtype) -> Froze
     return cast(base_layer.weight, dtype)
 
 
+@torch.no_grad()
+def fold_delta_(weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0) -> None:
+    """``weight += sign * delta`` in float32, rounded once to the weight's dtype (merge / unmerge of
+    an adapter's float32 update into a dense base weight)."""
+    weight.copy_((weight.float() + sign * delta).to(weight.dtype))
+
+
 def cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """``t`` in ``dtype`` (None stays None; no copy when it already is)."""
     return t if t is None or t.dtype == dtype else t.to(dtype)

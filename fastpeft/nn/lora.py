@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fastpeft.nn.base import cast, check_base_layer, compute_dtype, freeze, frozen_weight, kind_label, output_dtype
+from fastpeft.nn.base import (cast, check_base_layer, compute_dtype, fold_delta_, freeze, frozen_weight, kind_label,
+                              output_dtype)  # fmt: skip
 from fastpeft.nn.base import base_kind as _base_kind
 from fastpeft.ops.lora import lora_linear_grouped
 
@@ -160,18 +161,14 @@ class LoRALinear(nn.Module):
             )
         if self.merged:
             return
-        with torch.no_grad():
-            w = self.base_layer.weight
-            w.copy_((w.float() + self.get_delta_weight()).to(w.dtype))
+        fold_delta_(self.base_layer.weight, self.get_delta_weight())
         self.merged = True
 
     def unmerge(self) -> None:
         """Subtract the adapter from the base weight again (exact up to the weight dtype's rounding)."""
         if not self.merged:
             return
-        with torch.no_grad():
-            w = self.base_layer.weight
-            w.copy_((w.float() - self.get_delta_weight()).to(w.dtype))
+        fold_delta_(self.base_layer.weight, self.get_delta_weight(), sign=-1.0)
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fastpeft.nn.base import fold_delta_
+
 
 def embedding_base_problem(module: nn.Module):
     """Why ``LoRAEmbedding`` cannot wrap ``module`` (None when it can): an ``nn.Embedding`` (or a
@@ -118,18 +120,14 @@ class LoRAEmbedding(nn.Module):
         """Add the adapter into the base weight; forward then runs the base layer alone."""
         if self.merged:
             return
-        with torch.no_grad():
-            w = self.base_layer.weight
-            w.copy_((w.float() + self.get_delta_weight()).to(w.dtype))
+        fold_delta_(self.base_layer.weight, self.get_delta_weight())
         self.merged = True
 
     def unmerge(self) -> None:
         """Subtract the adapter from the base weight again (exact up to the weight dtype's rounding)."""
         if not self.merged:
             return
-        with torch.no_grad():
-            w = self.base_layer.weight
-            w.copy_((w.float() - self.get_delta_weight()).to(w.dtype))
+        fold_delta_(self.base_layer.weight, self.get_delta_weight(), sign=-1.0)
         self.merged = False
 
     def extra_repr(self) -> str:
