@@ -9,6 +9,7 @@ the peak of live tensor bytes above the step's start: CUDA allocator or CPU prof
 writes a JSON and a PNG plot.
 
   python benchmarks/bench_e2e_qlora.py                    # tiny model on CPU (minutes)
+  python benchmarks/bench_e2e_qlora.py --size 1b-2l       # Llama-3.2-1B widths and vocab, 2 layers (CPU, ~15 min)
   python benchmarks/bench_e2e_qlora.py --size 1b          # Llama-3.2-1B shapes (GPU)
   python benchmarks/bench_e2e_qlora.py --size 8b          # Llama-3-8B shapes (GPU)
 """
@@ -34,6 +35,10 @@ SIZES = {
                  num_key_value_heads=2, vocab_size=2048),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
+    # Llama-3.2-1B's widths and 128256-token vocabulary with 2 of its 16 layers: what a 2-core CPU
+    # trains in minutes; the LM head and its logits weigh as much as in the full model.
+    "1b-2l": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, vocab_size=128256),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -194,9 +199,10 @@ def main(argv=None):
     gpu = device.startswith("cuda")
     size = args.size or ("1b" if gpu else "tiny")
     dtype = torch.bfloat16 if gpu else torch.float32
-    batch = args.batch or (4 if gpu else 4)
-    seq = args.seq or (1024 if gpu else 128)
-    steps = args.steps or (20 if gpu else 12)
+    wide = size != "tiny"
+    batch = args.batch or (4 if gpu else 1 if wide else 4)
+    seq = args.seq or (1024 if gpu or wide else 128)
+    steps = args.steps or (20 if gpu else 6 if wide else 12)
     warmup = 2
 
     base = build_model(size, device, dtype, seed=0)

@@ -1,4 +1,5 @@
-"""LoRA linear: fastpeft vs HF peft vs the plain-PyTorch reference vs the bare frozen linear.
+"""LoRA linear: fastpeft vs HF peft vs the plain-PyTorch reference vs the bare frozen linear; and
+DoRA (use_dora=True) on fastpeft's fused op vs peft's DoRA layer.
 
 The floor is the frozen layer alone (forward + input gradient), what any LoRA layer must pay.
 Times are medians (p20/p80 in the JSON) of forward, backward (after an untimed forward) and both.
@@ -37,21 +38,51 @@ PRESETS = {
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def headline(kinds, dtype):
+def headline(kinds, dtype, dora=True):
     """The README rows: per base kind, fwd+bwd time against peft and against the frozen-linear floor."""
     return [{"what": f"LoRA linear fwd+bwd, {'NF4' if kind == 'nf4' else kind} base, {SHORT_DTYPE.get(dtype, dtype)}",
              "where": {"mode": "fwd+bwd", "base": kind},
              "cells": [{"text": "{}x vs peft", "values": [{"ratio": ["peft", "fastpeft"]}]},
                        {"text": "{}x the frozen-linear floor", "values": [{"ratio": ["fastpeft", "floor"]}]},
                        {"text": "saved bytes = peft's without dropout (x + tokens x r)"}]}
-            for kind in kinds]  # fmt: skip
+            for kind in kinds] + [
+            {"what": f"DoRA linear fwd+bwd, {'NF4' if kind == 'nf4' else kind} base, {SHORT_DTYPE.get(dtype, dtype)}",
+             "where": {"mode": "fwd+bwd", "base": kind},
+             "cells": [{"text": "{}x vs peft's DoRA", "values": [{"ratio": ["peft-dora", "fastpeft-dora"]}]},
+                       {"text": "{}x fastpeft's LoRA (target <= 1.25)", "values": [{"ratio": ["fastpeft-dora", "fastpeft"]}]}]}
+            for kind in kinds if dora]  # fmt: skip
 
 
 def make_base(kind, in_f, out_f, dtype, device):
     return common.make_linear_base(kind, in_f, out_f, dtype, device, bias=False)
 
 
-def providers(kind, base, r, dtype):
+def dora_providers(kind, base, r, like):
+    """fastpeft's and peft's DoRA layers from the same weights (``like``: the LoRA layer to copy A, B from)."""
+    ours = LoRALinear(copy.deepcopy(base), r=r, lora_alpha=2 * r, use_dora=True)
+    with torch.no_grad():
+        ours.lora_A.weight.copy_(like.lora_A.weight)
+        ours.lora_B.weight.copy_(like.lora_B.weight)
+    out = {"fastpeft-dora": (ours, [ours.lora_A.weight, ours.lora_B.weight, ours.lora_magnitude_vector],
+                             list(ours.base_layer.parameters()))}  # fmt: skip
+    try:
+        import peft
+
+        wrapper = common.OneLayer(copy.deepcopy(base))
+        wrapper.is_loaded_in_4bit = kind != "dense"
+        config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], use_dora=True)
+        layer = peft.get_peft_model(wrapper, config).base_model.model.proj
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(ours.lora_A.weight)
+            layer.lora_B["default"].weight.copy_(ours.lora_B.weight)
+        trainable = [p for p in layer.parameters() if p.requires_grad]
+        out["peft-dora"] = (layer, trainable, [p for p in layer.parameters() if not p.requires_grad])
+    except ImportError:
+        pass
+    return out
+
+
+def providers(kind, base, r, dtype, dora=True):
     """name -> (module or callable on x, trainable parameters, frozen tensors)."""
     out = {}
     base.requires_grad_(False)
@@ -82,6 +113,8 @@ def providers(kind, base, r, dtype):
         W = ours.base_layer.weight
         ref = lambda x: lora_linear_reference(x, W, None, A.to(dtype), B.to(dtype), ours.scaling)  # noqa: E731
         out["reference"] = (ref, [A, B], [ours.base_layer.weight])
+    if dora:
+        out.update(dora_providers(kind, base, r, ours))
     return out
 
 
@@ -116,6 +149,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: llama8b on GPU, cpu on CPU")
     parser.add_argument("--kinds", default="dense,nf4")
+    parser.add_argument("--no-dora", action="store_true", help="leave out the DoRA rows")
     args = common.add_common_args(parser, threads=None).parse_args(argv)
     preset = "quick" if args.quick else (args.preset or ("llama8b" if args.device.startswith("cuda") else "cpu"))
     cfg = PRESETS[preset]
@@ -135,7 +169,7 @@ def main(argv=None):
                     x = torch.randn(tokens, in_f, dtype=dtype, device=device, requires_grad=True)
                     grad = torch.randn(tokens, out_f, dtype=dtype, device=device)
                     case = f"{kind} {in_f}x{out_f} t{tokens} r{r}"
-                    for name, (fn, trainable, frozen) in providers(kind, base, r, dtype).items():
+                    for name, (fn, trainable, frozen) in providers(kind, base, r, dtype, not args.no_dora).items():
                         for mode, st in measure(fn, trainable, frozen, x, grad, device, reps).items():
                             row = common.make_row("lora", case, mode, dtype, name, st, base=kind, in_f=in_f,
                                                   out_f=out_f, tokens=tokens, r=r)  # fmt: skip
@@ -143,11 +177,11 @@ def main(argv=None):
                                 # The frozen GEMMs every provider runs: forward and input gradient, 2 flops per MAC.
                                 row["base_tflops"] = 4 * tokens * in_f * out_f / (st["median_ms"] * 1e-3) / 1e12
                             rows.append(row)
-                        print(f"{case} {name:9s} " + "  ".join(f"{row['mode']} {row['median_ms']:.2f} ms" for row in rows[-3:]),
+                        print(f"{case} {name:13s} " + "  ".join(f"{row['mode']} {row['median_ms']:.2f} ms" for row in rows[-3:]),
                               flush=True)  # fmt: skip
 
     config = dict(preset=preset, reps=reps, **cfg)
-    return common.finish(args, device, f"bench_lora_{preset}", "lora", rows, headline(kinds, dtype_str), config)
+    return common.finish(args, device, f"bench_lora_{preset}", "lora", rows, headline(kinds, dtype_str, not args.no_dora), config)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,30 @@ TORCH_LIBRARY(fastpeft, m) {
       "lora_grad_x_dropout_accum_(Tensor(a!) grad_x, Tensor grad_shrink, Tensor lora_A, "
       "float dropout_p, Tensor seed) -> ()");
 
+  // ---- Dropout, materialised (for a vendor GEMM on dropout(x)) ------------------------------------
+  // x * mask / (1 - p) under the counter-based mask of seed (common/dropout_mask.h), element
+  // indices row-major over x; the _add_ form accumulates it into out.
+  m.def("dropout_apply(Tensor x, float dropout_p, Tensor seed) -> Tensor");
+  m.def("dropout_apply_add_(Tensor(a!) out, Tensor x, float dropout_p, Tensor seed) -> ()");
+
+  // ---- DoRA ---------------------------------------------------------------------------------------
+  // peft's DoRA on one projection: with n = ||W + scaling B A||_row (detached) and x_d = dropout(x),
+  //   out = x W^T + b + (m / n - 1) * (x_d W^T) + (m / n) * scaling * (x_d A^T) B^T,
+  // which for dropout_p = 0 is (m / n) * (x W^T + scaling (x A^T) B^T) + b. Also returns what
+  // backward needs: y = x_d W^T + scaling (x_d A^T) B^T [M, out], the shrink x_d A^T [M, r] and
+  // the float32 norm n [out]. weight_sq_norm: ||W_row||^2 in float32 when the caller caches it
+  // (None: computed from W here).
+  m.def(
+      "dora_linear(Tensor x, str weight_format, Tensor?[] weight_tensors, int[] weight_ints, Tensor? bias, "
+      "Tensor lora_A, Tensor lora_B, Tensor magnitude, float scaling, float dropout_p, Tensor? seed, "
+      "Tensor? weight_sq_norm) -> (Tensor out, Tensor y, Tensor shrink, Tensor weight_norm)");
+  // output_mask: [x, adapter (lora_A, lora_B, magnitude), bias].
+  m.def(
+      "dora_linear_backward(Tensor grad_out, Tensor x, Tensor y, Tensor shrink, Tensor weight_norm, "
+      "str weight_format, Tensor?[] weight_tensors, int[] weight_ints, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, float scaling, float dropout_p, Tensor? seed, bool[] output_mask) -> "
+      "(Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_magnitude, Tensor grad_bias)");
+
   // ---- Fused linear cross-entropy (causal-LM heads) ---------------------------------------------
   // Row-wise part of one chunk, in place: loss[i] = lse(z_i) - z_i[labels[i]] and logits_i <-
   // grad_scale * (softmax(z_i) - onehot) * dz/dx, z = softcap * tanh(x / softcap) (softcap 0: z = x);

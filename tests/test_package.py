@@ -34,6 +34,8 @@ NOT_DIFFERENTIABLE = {
     "lora_shrink_dropout": "a building block of lora_linear's forward",
     "lora_grad_A_dropout": "a building block of lora_linear's backward",
     "lora_grad_x_dropout_accum_": "a building block of lora_linear's backward",
+    "dropout_apply": "a building block of dora_linear (the dropped x for a vendor GEMM)",
+    "dropout_apply_add_": "a building block of dora_linear's backward",
     "multi_lora_plan": "integer routing plan",
     "sparse_adamw_step_": "optimizer update",
     "sparse_delta_add_": "writes into a buffer (used inside sparse_delta_linear)",

@@ -78,6 +78,16 @@ def case_lora_4bit():
     return _backward(layer(x))
 
 
+def case_dora():
+    # 4-bit base, dropout in training (dropout_apply, dropout_apply_add_), then eval (base product reused).
+    layer = fnn.LoRALinear(_linear4bit(128, 200), r=16, lora_alpha=16, lora_dropout=0.1, use_dora=True)
+    nn.init.normal_(layer.lora_B.weight, std=0.02)
+    x = torch.randn(2, 9, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    _backward(layer(x))
+    layer.eval()
+    return _backward(layer(x))
+
+
 def case_lora_group():
     q, k, v = (fnn.LoRALinear(_linear(96, o, torch.bfloat16), r=8, lora_alpha=8, lora_dropout=0.1) for o in (96, 32, 32))
     x = torch.randn(2, 11, 96, device=DEV, dtype=torch.bfloat16, requires_grad=True)

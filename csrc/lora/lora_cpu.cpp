@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "common/dropout_elementwise_cpu.h"
 #include "lora/lora.h"
 
 namespace fastpeft {
@@ -12,23 +13,6 @@ namespace {
 
 int64_t rows_per_chunk(int64_t cols, int64_t elem_size) {
   return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, cols * elem_size));
-}
-
-// dst[i] = src[i] * factor(base + i), rounded once to T.
-template <typename T>
-void apply_dropout(const T* src, T* dst, int64_t n, uint64_t base, const DropoutMask& mask) {
-  at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) dst[i] = static_cast<T>(static_cast<float>(src[i]) * mask.factor(base + i));
-  });
-}
-
-// acc[i] += src[i] * factor(base + i), rounded once to T.
-template <typename T>
-void accumulate_dropout(T* acc, const T* src, int64_t n, uint64_t base, const DropoutMask& mask) {
-  at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      acc[i] = static_cast<T>(static_cast<float>(acc[i]) + static_cast<float>(src[i]) * mask.factor(base + i));
-  });
 }
 
 }  // namespace

@@ -349,6 +349,10 @@ def to_multi(model: nn.Module, peft_type: str, adapter_name: str) -> None:
     layer holding it as ``adapter_name`` (active), in place; the parameter objects stay."""
     single = LoRALinear if peft_type == "LORA" else IA3Linear
     layers = [(n, m) for n, m in model.named_modules() if type(m) is single]
+    dora = [n for n, m in layers if getattr(m, "use_dora", False)]
+    if dora:
+        raise NotImplementedError(f"a DoRA adapter runs alone on its layers; fastpeft does not add or delete adapters on "
+                                  f"DoRA layers ({', '.join(dora[:3])}{' ...' if len(dora) > 3 else ''}); use peft for that")  # fmt: skip
     for name, layer in layers:
         if layer.__dict__.get(_DISABLED, False):
             raise ValueError("cannot add or delete adapters while adapters are disabled (inside disable_adapter())")

@@ -142,7 +142,8 @@ def find_shared_input_groups(model: nn.Module, inputs: Optional[dict] = None) ->
     """Lists of ``LoRALinear`` names (two or more each, in call order) that read the same input tensor
     in one forward of ``model(**inputs)`` (default: ``model.dummy_inputs``), are siblings and can
     share one fused op. Raises what the forward raises."""
-    names = {m: n for n, m in model.named_modules() if type(m) is LoRALinear}
+    # DoRA layers run alone: their output scaling needs their own base product and norm.
+    names = {m: n for n, m in model.named_modules() if type(m) is LoRALinear and not m.use_dora}
     seen = []  # (input tensor, parent name, layer name) in call order; holding x keeps ids unique
 
     def record(module, args):

@@ -20,7 +20,6 @@ from fastpeft.nn.lora_embedding import LoRAEmbedding, embedding_base_problem
 
 # LoraConfig fields fastpeft does not implement, with the value that means "off".
 _UNSUPPORTED_OPTIONS = {
-    "use_dora": False,
     "lora_bias": False,
     "fan_in_fan_out": False,
     "layers_to_transform": None,
@@ -64,6 +63,8 @@ def check_supported(config, own_inits_only: bool = False) -> None:
     ]
     if config.bias != "none":
         problems.append(f"bias={config.bias!r}")
+    if own_inits_only and getattr(config, "use_dora", False):
+        problems.append("use_dora=True in add_adapter (a DoRA adapter runs alone on its layers)")
     init = config.init_lora_weights
     if init == "eva":
         problems.append("init_lora_weights='eva' (a data-driven init: peft's initialize_lora_eva_weights needs "
@@ -135,6 +136,8 @@ def inject_lora(model: nn.Module, config) -> list:
     modules = {name: model.get_submodule(name) for name in names}
     embeddings = {name: m for name, m in modules.items() if isinstance(m, nn.Embedding)}
     bad = [f"{name} ({problem})" for name, m in embeddings.items() if (problem := embedding_base_problem(m))]
+    if embeddings and config.use_dora:
+        bad += [f"{name} (use_dora=True: fastpeft's DoRA covers linear layers, not embeddings)" for name in embeddings]
     if bad:
         raise NotImplementedError(f"fastpeft's embedding LoRA cannot adapt these targeted modules: {', '.join(bad)}. "
                                   "Narrow target_modules, or use peft for them.")  # fmt: skip
@@ -159,11 +162,14 @@ def inject_lora(model: nn.Module, config) -> list:
             replace_module(model, name, layer)
             continue
         layer = LoRALinear(module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                           init_lora_weights=config.init_lora_weights if init is None else False)  # fmt: skip
+                           init_lora_weights=config.init_lora_weights if init is None else False,
+                           use_dora=config.use_dora)  # fmt: skip
         if init is not None:
             with torch.no_grad():
                 layer.lora_A.weight.copy_(peft_layer.lora_A["default"].weight)
                 layer.lora_B.weight.copy_(peft_layer.lora_B["default"].weight)
+                if config.use_dora:  # peft's magnitude, computed after its init changed the base
+                    layer.lora_magnitude_vector.copy_(peft_layer.lora_magnitude_vector["default"].weight)
         replace_module(model, name, layer)
     return names
 
@@ -174,6 +180,8 @@ def lora_parameter_names(model: nn.Module) -> list:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             names += [f"{name}.lora_A.weight", f"{name}.lora_B.weight"]
+            if module.use_dora:  # peft's checkpoint key for DoRA's magnitude (no ".weight", no adapter name)
+                names.append(f"{name}.lora_magnitude_vector")
         elif isinstance(module, LoRAEmbedding):
             names += [f"{name}.lora_embedding_A", f"{name}.lora_embedding_B"]
     return names

@@ -306,6 +306,9 @@ class FastPeftModel(nn.Module):
             )
         if adapter_name in self._configs:
             raise ValueError(f"an adapter named {adapter_name!r} exists already")
+        if getattr(peft_config, "use_dora", False):  # before the layout changes (_lifecycle converts it)
+            raise NotImplementedError("use_dora=True in add_adapter: a DoRA adapter runs alone on its layers; fastpeft "
+                                      "does not add DoRA adapters to a model, use peft for that")  # fmt: skip
         self._lifecycle("add_adapter", several=True)
         config = _with_task_defaults(peft_config)
         _adapters.add_adapter(self.base_model.model, self.peft_type, adapter_name, config)

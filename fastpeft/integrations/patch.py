@@ -35,6 +35,7 @@ from fastpeft.integrations import patch_ia3, patch_lora_embedding
 from fastpeft.nn import base as _frozen
 from fastpeft.nn.base import frozen_base  # noqa: F401  (patch_ia3 and the fused forwards use it)
 from fastpeft.nn.base import base_layer_problem, keep_standard_4bit_layout
+from fastpeft.nn.dora import fused_dora_forward
 from fastpeft.nn.lora import fused_lora_forward
 
 _MARK = "_fastpeft_patched"
@@ -155,18 +156,37 @@ def common_forward_problem(layer, args: tuple, kwargs: dict, base=None):
     return None
 
 
-def single_plain_adapter(layer, container):
+def single_plain_adapter(layer, container, allow_dora: bool = False):
     """(the one active adapter of ``container`` on ``layer``, None), or (None, why the fused op cannot
-    run it): no active adapter, several, or a LoRA variant (DoRA ...)."""
+    run it): no active adapter, several, or a LoRA variant (other than DoRA with ``allow_dora``)."""
     adapters = present_active_adapters(layer, container)
     if not adapters:
         return None, "no active adapter on this layer"
     if len(adapters) > 1:
         return None, f"{len(adapters)} active adapters on one layer"
     adapter = adapters[0]
-    if adapter in layer.lora_variant:
-        return None, f"LoRA variant {type(layer.lora_variant[adapter]).__name__} (e.g. DoRA)"
+    if adapter in layer.lora_variant and not (allow_dora and _dora_reason(layer, adapter) is None):
+        reason = _dora_reason(layer, adapter) if allow_dora else None
+        return None, reason or f"LoRA variant {type(layer.lora_variant[adapter]).__name__} (e.g. DoRA)"
     return adapter, None
+
+
+def _dora_reason(layer, adapter) -> str | None:
+    """None when adapter ``adapter`` of a LoRA Linear layer is peft's plain DoRA (the fused DoRA op
+    runs it), else why not."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    variant = layer.lora_variant[adapter]
+    if type(variant) is not DoraLinearVariant:
+        return f"LoRA variant {type(variant).__name__}"
+    magnitude = layer._modules.get("lora_magnitude_vector")
+    dora = magnitude._modules.get(adapter) if magnitude is not None else None
+    if type(dora) is not DoraLinearLayer or dora.fan_in_fan_out:
+        return "DoRA layer that is not peft's plain DoraLinearLayer"
+    if getattr(layer, "ephemeral_gpu_offload", False):
+        return "DoRA with ephemeral_gpu_offload"
+    return None
 
 
 def present_active_adapters(layer, container) -> list:
@@ -248,7 +268,7 @@ def lora_forward_problem(layer, args=(), kwargs=None):
         if reason is not None:
             return None, reason
     lora_A = modules["lora_A"]._modules
-    adapter, reason = single_plain_adapter(layer, lora_A)
+    adapter, reason = single_plain_adapter(layer, lora_A, allow_dora=True)
     if reason is not None:
         return None, reason
     down, up = lora_A[adapter], modules["lora_B"]._modules[adapter]
@@ -272,6 +292,12 @@ def _fused_forward(self, x, *args, **kwargs):
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     base = frozen_base(self.base_layer)
     kind = "dense" if base is not self.base_layer else None
+    if adapter in self.lora_variant:  # DoRA (lora_forward_problem let no other variant through)
+        # peft's DoRA drops x only when the layer trains (and so does its dropout module)
+        p = p if self.training else 0.0
+        magnitude = self.lora_magnitude_vector[adapter].weight
+        return fused_dora_forward(self, base, self.lora_A[adapter].weight, self.lora_B[adapter].weight, magnitude,
+                                  self.scaling[adapter], p, x, kind)  # fmt: skip
     return fused_lora_forward(base, self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, x,
                               kind)  # fmt: skip
 

@@ -12,6 +12,7 @@ from torch import nn
 from fastpeft.nn.base import (cast, check_base_layer, compute_dtype, fold_delta_, freeze, frozen_weight, kind_label,
                               output_dtype)  # fmt: skip
 from fastpeft.nn.base import base_kind as _base_kind
+from fastpeft.nn.dora import dora_weight_norm, fused_dora_forward
 from fastpeft.ops.lora import lora_linear_grouped
 
 
@@ -46,6 +47,13 @@ class LoRALinear(nn.Module):
     dequantized into a shared workspace and never kept, and backward keeps only x and the
     [tokens, r] shrink output.
 
+    ``use_dora=True`` makes it peft's DoRA layer (weight-decomposed LoRA): ``forward(x) = (m / n) *
+    (base(x) + scaling * B(A(x)))`` (plus the bias) with the trainable magnitude ``m =
+    lora_magnitude_vector`` [out] and ``n = ||W + scaling B A||`` per output row, detached; in
+    training with dropout, peft's exact form with the dropped input (``fastpeft.ops.dora_linear``).
+    ``m`` starts as ``n`` (float32, as peft) and is saved under peft's key ``lora_magnitude_vector``.
+    A DoRA layer runs alone (never in a ``LoRAProjectionGroup``).
+
     Parameters are named and initialised as in HF peft, so peft state dicts map one to one:
     ``lora_A.weight`` [r, in] (kaiming-uniform, a=sqrt(5)) and ``lora_B.weight`` [out, r] (zeros);
     ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``). The base layer is
@@ -72,6 +80,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         init_lora_weights: bool = True,
         dtype: Optional[torch.dtype] = torch.float32,
+        use_dora: bool = False,
     ):
         super().__init__()
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -92,7 +101,14 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.merged = False
+        self.use_dora = bool(use_dora)
         self.reset_lora_parameters(init_lora_weights)
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(self.dora_weight_norm().to(device=device, dtype=dtype))
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """``||W + scaling B A||_2`` per output row, float32 (DoRA's magnitude init and merge)."""
+        return dora_weight_norm(self.base_layer, self.base_kind, self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def reset_lora_parameters(self, init_lora_weights=True) -> None:
         """peft's inits: ``True`` kaiming-uniform A (a=sqrt(5)) and zero B; ``"gaussian"`` normal A
@@ -143,6 +159,9 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         self._check_input(x)
         p = self.lora_dropout if self.training else 0.0
+        if self.use_dora:
+            return fused_dora_forward(self, self.base_layer, self.lora_A.weight, self.lora_B.weight,
+                                      self.lora_magnitude_vector, self.scaling, p, x, self.base_kind)  # fmt: skip
         return fused_lora_forward(self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, p, x,
                                   self.base_kind)
 
@@ -161,19 +180,45 @@ class LoRALinear(nn.Module):
             )
         if self.merged:
             return
-        fold_delta_(self.base_layer.weight, self.get_delta_weight())
+        if self.use_dora:
+            self._merge_dora()
+        else:
+            fold_delta_(self.base_layer.weight, self.get_delta_weight())
         self.merged = True
 
     def unmerge(self) -> None:
         """Subtract the adapter from the base weight again (exact up to the weight dtype's rounding)."""
         if not self.merged:
             return
-        fold_delta_(self.base_layer.weight, self.get_delta_weight(), sign=-1.0)
+        if self.use_dora:
+            self._unmerge_dora()
+        else:
+            fold_delta_(self.base_layer.weight, self.get_delta_weight(), sign=-1.0)
         self.merged = False
+
+    @torch.no_grad()
+    def _merge_dora(self) -> None:
+        # peft's DoRA merge: W <- (m / n) (W + delta), n = ||W + delta|| of the weight before; n is
+        # kept (as peft caches it) so unmerge restores W = W' n / m - delta.
+        weight = self.base_layer.weight
+        delta = self.get_delta_weight()
+        norm = torch.linalg.vector_norm(weight.float() + delta, dim=1)
+        self.__dict__["_dora_merge_norm"] = norm
+        factor = (self.lora_magnitude_vector.float() / norm).view(-1, 1)
+        weight.copy_((factor * (weight.float() + delta)).to(weight.dtype))
+
+    @torch.no_grad()
+    def _unmerge_dora(self) -> None:
+        weight = self.base_layer.weight
+        norm = self.__dict__.pop("_dora_merge_norm")
+        factor = (self.lora_magnitude_vector.float() / norm).view(-1, 1)
+        weight.copy_((weight.float() / factor - self.get_delta_weight()).to(weight.dtype))
 
     def extra_repr(self) -> str:
         kind = kind_label(self.base_kind)
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout}, base={kind}"
+        dora = ", use_dora=True" if self.use_dora else ""
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout}, "
+                f"base={kind}{dora}")  # fmt: skip
 
 
 class LoRAProjectionGroup(nn.Module):
@@ -194,6 +239,9 @@ class LoRAProjectionGroup(nn.Module):
             raise ValueError("all layers of a group must have the same in_features")
         if len({layer.base_kind for layer in layers}) != 1:
             raise ValueError("a group cannot mix dense, 4-bit and int8 base layers")
+        dora = [i for i, layer in enumerate(layers) if getattr(layer, "use_dora", False)]
+        if dora:
+            raise ValueError(f"DoRA layers (use_dora=True) run alone, not in a LoRAProjectionGroup: layers {dora}")
         if len({layer.lora_dropout for layer in layers}) != 1:
             raise ValueError("all layers of a group must have the same lora_dropout (they share one mask)")
         self.layers = nn.ModuleList(layers)

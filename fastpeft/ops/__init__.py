@@ -1,6 +1,7 @@
 """Typed wrappers of ``torch.ops.fastpeft.*`` with fake kernels, autograd and plain-PyTorch references."""
 
 from fastpeft.ops.adapter import bottleneck_adapter, bottleneck_adapter_reference
+from fastpeft.ops.dora import dora_linear, dora_linear_reference
 from fastpeft.ops.dropout import dropout_reference, new_seed
 from fastpeft.ops.ia3 import ia3_linear, ia3_linear_reference, ia3_scale, ia3_scale_reference
 from fastpeft.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
@@ -18,6 +19,8 @@ __all__ = [
     "dequantize_4bit",
     "dequantize_4bit_reference",
     "dequantize_int8",
+    "dora_linear",
+    "dora_linear_reference",
     "dropout_reference",
     "ia3_linear",
     "ia3_linear_reference",

@@ -63,3 +63,16 @@ def dropout_reference(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     x's dtype. Indices are row-major over ``x.reshape(-1, x.shape[-1])``."""
     factor = dropout_factor_reference(x.numel(), p, seed, x.device).view(x.shape)
     return (x.float() * factor).to(x.dtype)
+
+
+# ---- fake kernels of the materialised-dropout ops (csrc/dropout) -----------------------------------
+
+
+@torch.library.register_fake("fastpeft::dropout_apply")
+def _(x, dropout_p, seed):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastpeft::dropout_apply_add_")
+def _(out, x, dropout_p, seed):
+    return None

@@ -78,8 +78,10 @@ def randomize_lora_B(model):
 
 
 def peft_to_fastpeft_name(name: str) -> str:
-    """peft's parameter name as fastpeft names it (no adapter name; no torch.compile wrapper prefix)."""
-    return name.removeprefix("_orig_mod.").replace(".modules_to_save.default", "").replace(".default", "")
+    """peft's parameter name as fastpeft names it (no adapter name; no torch.compile wrapper prefix;
+    DoRA's magnitude under its checkpoint key)."""
+    name = name.removeprefix("_orig_mod.").replace(".modules_to_save.default", "").replace(".default", "")
+    return name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")  # DoRA: peft's checkpoint key
 
 
 def twins(model, config, **fast_kwargs):

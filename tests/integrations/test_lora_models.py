@@ -175,8 +175,8 @@ def test_merge_and_unload_and_unload():
 def test_unsupported_options_and_modules_raise_before_touching_the_model():
     model = tiny_model("llama")
     fingerprint = _model_fingerprint(model)
-    with pytest.raises(NotImplementedError, match="use_dora=True"):
-        fastpeft.get_peft_model(model, lora_config("llama", use_dora=True))
+    with pytest.raises(NotImplementedError, match="lora_bias=True"):
+        fastpeft.get_peft_model(model, lora_config("llama", lora_bias=True))
     with pytest.raises(NotImplementedError, match=r"rotary_emb \(LlamaRotaryEmbedding\)"):
         fastpeft.get_peft_model(model, lora_config("llama", target_modules=["q_proj", "rotary_emb"]))
     with pytest.raises(ValueError, match="matched no module"):
@@ -258,9 +258,9 @@ def test_patch_reports_every_layer_it_cannot_fuse():
     assert len(report.patched) == 4  # q and v in 2 layers
     assert list(report.skipped) == ["base_model.model.model.embed_tokens"]
     assert "max_norm" in report.skipped["base_model.model.model.embed_tokens"]
-    dora = peft.get_peft_model(tiny_model("llama"), lora_config("llama", use_dora=True))
-    report = fastpeft.patch(dora, warn=False)
-    assert not report.patched and all("DoRA" in r for r in report.skipped.values())
+    with_bias = peft.get_peft_model(tiny_model("llama"), lora_config("llama", lora_bias=True))
+    report = fastpeft.patch(with_bias, warn=False)
+    assert not report.patched and all("lora_bias=True" in r for r in report.skipped.values())
 
 
 def test_patched_model_trains_like_peft():

@@ -189,7 +189,25 @@ def test_ia3_lifecycle_with_adapters_on_different_layers(kind):
 # ---- adapters the fused op cannot run, added after patch ---------------------------------------------
 
 
-@pytest.mark.parametrize("variant", [dict(use_dora=True), dict(lora_bias=True)], ids=["dora", "lora_bias"])
+def test_dora_adapter_added_after_patch_runs_the_fused_dora_op():
+    x = inputs("linear")
+    patched, reference, _ = twins("linear", lora(["fc1", "fc2", "fc3"]))
+
+    def add_dora(m):
+        m.add_adapter("d", lora(["fc1", "fc2", "fc3"], init_lora_weights=False, use_dora=True))
+        randomize(m, "d")
+        m.set_adapter("d")
+
+    both(patched, reference, add_dora)
+    assert set(explain(patched).values()) == {None}
+    assert n_ops(patched, x, "fastpeft.dora_linear") == 3 and n_ops(patched, x, LORA_OP) == 0
+    assert_same(patched, reference, x)
+    both(patched, reference, lambda m: m.set_adapter("default"))  # back to plain LoRA
+    assert n_ops(patched, x, LORA_OP) == 3
+    assert_same(patched, reference, x)
+
+
+@pytest.mark.parametrize("variant", [dict(lora_bias=True)], ids=["lora_bias"])
 def test_variant_adapter_added_after_patch_runs_peft_forward(variant):
     x = inputs("linear")
     patched, reference, report = twins("linear", lora(["fc1", "fc2", "fc3"]))
@@ -202,7 +220,7 @@ def test_variant_adapter_added_after_patch_runs_peft_forward(variant):
 
     both(patched, reference, add_variant)
     reasons = set(explain(patched).values())
-    assert len(reasons) == 1 and ("DoRA" in reasons.pop() if "use_dora" in variant else "lora_bias=True" in reasons)
+    assert len(reasons) == 1 and "lora_bias=True" in reasons.pop()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert n_ops(patched, x, LORA_OP) == 0
