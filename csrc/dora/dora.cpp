@@ -146,8 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_linear(
   } else {
     // out = (m/n) y + b = y + b + (m/n - 1) y: the small factor (m/n - 1) keeps its bits in 16-bit dtypes.
     y.addmm_(shrink, lora_B.t(), /*beta=*/1.0, /*alpha=*/scaling);
-    out = has_bias ? at::add(y, *bias) : y.clone();
-    out.addcmul_(y, scale_minus_1);
+    out = at::addcmul(y, y, scale_minus_1);  // one pass over [M, O]
+    if (has_bias) out.add_(*bias);
   }
   auto out_shape = x.sizes().vec();
   out_shape.back() = sh.O;
