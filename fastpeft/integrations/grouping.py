@@ -74,25 +74,32 @@ class _Handover:
         return (_nothing, ())
 
 
-class SharedInputGroup:
-    """The runtime side of one group: a ``LoRAProjectionGroup`` over the members and the hand-over
-    of outputs between them (see the module docstring)."""
+class HandoverGroup:
+    """Members that read the same input, run together: the first member called with ``x`` runs
+    ``run_all(x)`` and leaves every other member its output, tagged with ``x`` (see the module
+    docstring). Subclasses say how the group runs and how one member runs alone."""
 
     def __init__(self, layers):
-        self.group = LoRAProjectionGroup(layers)
         self.layers = list(layers)
 
-    def member_forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    def run_all(self, x: torch.Tensor):
+        """Every member's output for ``x`` (a tuple in member order), or None: run each alone now."""
+        raise NotImplementedError
+
+    def run_alone(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def member_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)``: the output the group left for ``layer`` if it ran on this very ``x``, else the
-        group is run on ``x`` (each member on its own while any is merged or disabled)."""
+        group is run on ``x`` (or, when it cannot run now, ``layer`` alone)."""
         handed = getattr(layer, _HANDOVER, None)
         if handed is not None:
             setattr(layer, _HANDOVER, None)
             if handed.x is x:
                 return handed.out
-        if any(m.merged for m in self.layers):
-            return layer._ungrouped_forward(x)
-        outs = self.group(x)
+        outs = self.run_all(x)
+        if outs is None:
+            return self.run_alone(layer, x)
         mine = None
         for member, out in zip(self.layers, outs):
             if member is layer:
@@ -102,12 +109,31 @@ class SharedInputGroup:
         return mine
 
 
+class SharedInputGroup(HandoverGroup):
+    """The runtime side of one group of ``LoRALinear`` layers: a ``LoRAProjectionGroup`` over the
+    members (each member on its own while any is merged)."""
+
+    def __init__(self, layers):
+        super().__init__(layers)
+        self.group = LoRAProjectionGroup(layers)
+
+    def run_all(self, x):
+        return None if any(m.merged for m in self.layers) else self.group(x)
+
+    def run_alone(self, layer, x):
+        return layer._ungrouped_forward(x)
+
+
 def _format(layer: LoRALinear) -> tuple:
     """What must agree between members of one fused op."""
-    base = layer.base_layer
-    key = (layer.base_kind, layer.lora_dropout, layer.lora_A.weight.dtype, layer.lora_B.weight.dtype,
-           layer.lora_A.weight.device, base.bias is not None and base.bias.dtype)  # fmt: skip
-    if layer.base_kind == "4bit":
+    key = (layer.lora_dropout, layer.lora_A.weight.dtype, layer.lora_B.weight.dtype, layer.lora_A.weight.device)
+    return key + base_format(layer.base_layer, layer.base_kind)
+
+
+def base_format(base: nn.Module, kind: str) -> tuple:
+    """What must agree between the frozen bases of one grouped op: kind, weight format and dtypes."""
+    key = (kind, base.bias is not None and base.bias.dtype)
+    if kind == "4bit":
         state = base.weight.quant_state
         return key + (state.quant_type, state.blocksize, bool(getattr(state, "nested", False)),
                       getattr(base, "compute_dtype", None))  # fmt: skip
@@ -138,12 +164,16 @@ def _example_inputs(model: nn.Module, inputs):
     raise TypeError(f"example inputs must be a dict of model(**inputs) arguments, got {type(inputs).__name__}")
 
 
-def find_shared_input_groups(model: nn.Module, inputs: Optional[dict] = None) -> list:
+def find_shared_input_groups(model: nn.Module, inputs: Optional[dict] = None, layers: Optional[dict] = None,
+                             key=_format) -> list:  # fmt: skip
     """Lists of ``LoRALinear`` names (two or more each, in call order) that read the same input tensor
     in one forward of ``model(**inputs)`` (default: ``model.dummy_inputs``), are siblings and can
-    share one fused op. Raises what the forward raises."""
-    # DoRA layers run alone: their output scaling needs their own base product and norm.
-    names = {m: n for n, m in model.named_modules() if type(m) is LoRALinear and not m.use_dora}
+    share one fused op. Raises what the forward raises. ``layers`` (name -> module) and ``key`` (what
+    must agree within a group) generalise it to other layer types (``fastpeft.patch``)."""
+    if layers is None:
+        # DoRA layers run alone: their output scaling needs their own base product and norm.
+        layers = {n: m for n, m in model.named_modules() if type(m) is LoRALinear and not m.use_dora}
+    names = {m: n for n, m in layers.items()}
     seen = []  # (input tensor, parent name, layer name) in call order; holding x keeps ids unique
 
     def record(module, args):
@@ -167,7 +197,7 @@ def find_shared_input_groups(model: nn.Module, inputs: Optional[dict] = None) ->
         members = list(dict.fromkeys(members))  # a layer called twice on one x counts once
         by_format = {}
         for name in members:
-            by_format.setdefault(_format(modules[name]), []).append(name)
+            by_format.setdefault(key(modules[name]), []).append(name)
         groups += [g for g in by_format.values() if len(g) > 1]
     return groups
 

@@ -31,7 +31,8 @@ from collections import Counter
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from fastpeft.integrations import patch_ia3, patch_lora_embedding
+from fastpeft.integrations import patch_grouping, patch_ia3, patch_lora_embedding
+from fastpeft.integrations.grouping import _GROUP, _HANDOVER
 from fastpeft.nn import base as _frozen
 from fastpeft.nn.base import frozen_base  # noqa: F401  (patch_ia3 and the fused forwards use it)
 from fastpeft.nn.base import base_layer_problem, keep_standard_4bit_layout
@@ -56,13 +57,15 @@ class PatchReport:
     ``skipped``: module name -> reason, for every adapter layer that runs peft's forward now.
     ``deferred``: the skipped layers that do carry fastpeft's forward: they run the fused op again
     as soon as their state allows it (another active adapter, adapters re-enabled, hooks removed).
-    ``families``: each adapter layer's family ("LoRA", "IA3", or peft's name for other methods)."""
+    ``families``: each adapter layer's family ("LoRA", "IA3", or peft's name for other methods).
+    ``groups``: patched LoRA layers that share an input and run as one fused op (when they can)."""
 
     patched: list = dataclasses.field(default_factory=list)
     skipped: dict = dataclasses.field(default_factory=dict)  # module name -> reason
     families: dict = dataclasses.field(default_factory=dict)  # module name -> family
     already_patched: list = dataclasses.field(default_factory=list)
     deferred: list = dataclasses.field(default_factory=list)
+    groups: list = dataclasses.field(default_factory=list)  # lists of LoRA layer names run as one op
 
     def summary(self) -> str:
         """One line of counts, then one line per reason a layer was left to peft."""
@@ -283,6 +286,13 @@ def lora_forward_problem(layer, args=(), kwargs=None):
 
 
 def _fused_forward(self, x, *args, **kwargs):
+    group = self.__dict__.get(_GROUP)  # projections that share x (patch_grouping)
+    if group is not None and not args and not kwargs:
+        return group.member_forward(self, x)
+    return _fused_forward_alone(self, x, *args, **kwargs)
+
+
+def _fused_forward_alone(self, x, *args, **kwargs):
     adapter, reason = lora_forward_problem(self, args, kwargs)
     if reason is not None:
         note_fallback(self, reason)
@@ -335,9 +345,14 @@ def _other_tuner_name(module) -> str | None:
     return package[2] if len(package) > 2 and package[:2] == ["peft", "tuners"] else type(module).__name__
 
 
-def patch(peft_model: nn.Module, warn: bool = True) -> PatchReport:
+def patch(peft_model: nn.Module, warn: bool = True, group_projections=True) -> PatchReport:
     """Switch every LoRA (Linear, Linear4bit, Linear8bitLt, Embedding) and (IA)^3 layer of a peft
     model to fastpeft's fused kernels, in place.
+
+    ``group_projections``: patched LoRA Linear layers that read the same input (q/k/v, gate/up)
+    run as one fused op (``fastpeft.integrations.patch_grouping``), found by one example forward of
+    ``peft_model.dummy_inputs`` (or of the dict of inputs given here); False: one op per layer. In
+    training, a group draws one dropout mask of x for all members, where peft draws one per layer.
 
     Safe to call again at any time (after ``add_adapter``, ``set_adapter`` ...): new layers are
     switched, layers patched before are left as they are and their state re-checked. Returns a
@@ -379,6 +394,16 @@ def patch(peft_model: nn.Module, warn: bool = True) -> PatchReport:
             report.already_patched.append(name)
         else:
             report.patched.append(name)
+    if not isinstance(group_projections, (bool, dict)):
+        raise TypeError(f"group_projections must be True, False or a dict of example inputs, got {group_projections!r}")
+    if group_projections is not False:
+        linear = {n: m for n, m in peft_model.named_modules()
+                  if getattr(m, _MARK, False) and type(m) in _lora_layer_types()}  # fmt: skip
+        report.groups = patch_grouping.group_patched(
+            peft_model, linear, lora_forward_problem, _fused_forward_alone, note_fused,
+            None if group_projections is True else group_projections)  # fmt: skip
+    else:
+        patch_grouping.ungroup(peft_model)
     if warn and any(r not in BENIGN_REASONS for r in report.skipped.values()):
         warnings.warn(report.summary(), stacklevel=2)
     return report
@@ -402,6 +427,8 @@ def unpatch(peft_model: nn.Module) -> int:
     for module in peft_model.modules():
         if getattr(module, _MARK, False):
             del module.forward  # the instance attribute; the class's (peft's) forward shows again
+            module.__dict__.pop(_GROUP, None)
+            module.__dict__.pop(_HANDOVER, None)
             delattr(module, _MARK)
             module.__dict__.pop(_REASON, None)
             module.__dict__.pop(_WARNED, None)
