@@ -47,10 +47,17 @@ SIZES = {
 PEER = "peft+bitsandbytes"
 
 
-def headline(size, r):
+def model_label(size, batch, seq):
+    """How the README names the model and step of a run."""
+    c = SIZES[size]
+    return (f"Llama {size}: width {c['hidden_size']}, {c['num_hidden_layers']} layers, vocab {c['vocab_size']}; "
+            f"{batch} x {seq} tokens a step")  # fmt: skip
+
+
+def headline(size, r, batch, seq):
     """The README row: tokens/s of fastpeft over peft + bitsandbytes, both figures, and the loss-curve gap."""
-    return [{"what": f"end-to-end QLoRA training steps (Llama architecture, NF4, LoRA r={r} on all linear layers, "
-                     "gradient checkpointing)", "where": {"mode": "step"},
+    return [{"what": f"end-to-end QLoRA training steps ({model_label(size, batch, seq)}; NF4, LoRA r={r} on all "
+                     "linear layers, gradient checkpointing)", "where": {"mode": "step"},
              "cells": [{"text": f"{{}}x the tokens/s of {PEER}",
                         "values": [{"ratio": ["fastpeft", PEER], "metric": "tokens_per_s"}]},
                        {"text": "{} vs {} tokens/s",
@@ -58,7 +65,8 @@ def headline(size, r):
                                    {"value": PEER, "metric": "tokens_per_s", "fmt": "{:.0f}"}]},
                        {"text": "loss curves within {}",
                         "values": [{"value": "fastpeft", "metric": "max_loss_gap", "fmt": "{:.1e}"}]}]},
-            {"what": "end-to-end QLoRA step memory (same model; one training step, measured exactly by fastpeft.memory)",
+            {"what": f"end-to-end QLoRA step memory ({model_label(size, batch, seq)}; one training step, measured "
+                     "exactly by fastpeft.memory)",
              "where": {"mode": "step"},
              "cells": [{"text": f"{{}}x the peak bytes of {PEER}",
                         "values": [{"ratio": ["fastpeft", PEER], "metric": "peak_bytes"}]},
@@ -242,7 +250,7 @@ def main(argv=None):
     print(f"fastpeft: {speedup:.2f}x the tokens/s of {PEER}; largest loss gap {gap:.2e}; "
           f"{memory['peak_bytes']:.2f}x its peak bytes, {memory['saved_bytes']:.2f}x its saved bytes")
     if not args.no_write:
-        path = common.write_results(f"bench_e2e_qlora_{size}", device, "e2e_qlora", rows, headline(size, args.r),
+        path = common.write_results(f"bench_e2e_qlora_{size}", device, "e2e_qlora", rows, headline(size, args.r, batch, seq),
                                     dict(size=size, warmup_steps=warmup, lr=args.lr))  # fmt: skip
         png = path.replace(".json", ".png")
         plot(results, png, f"QLoRA {size} on {common.device_name(device)}: batch {batch} x {seq}, r={args.r}")
