@@ -17,6 +17,7 @@ from fastpeft.integrations.targeting import (check_fused_bases, put_back_base_la
                                              target_module_names, wrapped_layers)  # fmt: skip
 from fastpeft.nn.lora import LoRALinear
 from fastpeft.nn.lora_embedding import LoRAEmbedding, embedding_base_problem
+from fastpeft.nn.trainable_tokens import TrainableTokensEmbedding, check_token_indices, trainable_tokens_base_problem
 
 # LoraConfig fields fastpeft does not implement, with the value that means "off".
 _UNSUPPORTED_OPTIONS = {
@@ -26,7 +27,6 @@ _UNSUPPORTED_OPTIONS = {
     "layers_pattern": None,
     "layer_replication": None,
     "target_parameters": None,
-    "trainable_token_indices": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "use_bdlora": None,
@@ -124,6 +124,51 @@ def _pattern_value(pattern: dict, name: str, default):
     return pattern.get(key, default)
 
 
+def trainable_token_targets(model: nn.Module, config, lora_targets) -> dict:
+    """peft's ``trainable_token_indices`` resolved to {module name: token ids}, validated (raises
+    before anything changes): a list means the input embedding (peft's default), a dict maps module
+    names (matched by suffix, as peft's ``_set_trainable``) to ids. Each target is a plain frozen
+    ``nn.Embedding`` that is not a LoRA target; tied input / output embeddings are not implemented."""
+    spec = getattr(config, "trainable_token_indices", None)
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        wanted = dict(spec)
+    else:
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        name = next((n for n, m in model.named_modules() if m is embedding), "embed_tokens")
+        wanted = {name: spec}
+    for key in wanted:
+        if key in (config.modules_to_save or []):
+            raise ValueError(f"trainable_token_indices: {key!r} is also in modules_to_save (trained fully); use one or "
+                             "the other, as peft requires")  # fmt: skip
+    targets, problems = {}, []
+    for key, ids in wanted.items():
+        names = [n for n, _ in model.named_modules() if n and n.endswith(key)]
+        if not names:
+            raise ValueError(f"trainable_token_indices: no module of the model matches {key!r}")
+        for name in names:
+            module = model.get_submodule(name)
+            problem = trainable_tokens_base_problem(module)
+            if name in lora_targets:
+                problem = "it is a LoRA target too (target_modules)"
+            if problem is not None:
+                problems.append(f"{name} ({problem})")
+                continue
+            targets[name] = check_token_indices(ids, module.num_embeddings)
+    if not problems and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+        inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        tied = head is not None and inp is not None and getattr(head, "weight", None) is inp.weight
+        if tied and any(model.get_submodule(n) is inp for n in targets):
+            problems.append("the input embedding, whose weight the LM head shares (tied weights: peft trains the "
+                            "tokens in both; fastpeft does not implement that)")  # fmt: skip
+    if problems:
+        raise NotImplementedError("fastpeft's trainable tokens cannot wrap these modules: " + ", ".join(problems)
+                                  + ". Use peft for them.")  # fmt: skip
+    return targets
+
+
 def inject_lora(model: nn.Module, config) -> list:
     """Replace every targeted layer of ``model`` by a LoRALinear (a LoRAEmbedding for an
     ``nn.Embedding``), in place; return their names.
@@ -142,6 +187,7 @@ def inject_lora(model: nn.Module, config) -> list:
         raise NotImplementedError(f"fastpeft's embedding LoRA cannot adapt these targeted modules: {', '.join(bad)}. "
                                   "Narrow target_modules, or use peft for them.")  # fmt: skip
     check_fused_bases({n: m for n, m in modules.items() if n not in embeddings}, "LoRA")
+    token_targets = trainable_token_targets(model, config, modules)
     init = peft_init(config)
     if init is not None:
         check_peft_init_bases({n: m for n, m in modules.items() if n not in embeddings}, init)
@@ -171,6 +217,8 @@ def inject_lora(model: nn.Module, config) -> list:
                 if config.use_dora:  # peft's magnitude, computed after its init changed the base
                     layer.lora_magnitude_vector.copy_(peft_layer.lora_magnitude_vector["default"].weight)
         replace_module(model, name, layer)
+    for name, ids in token_targets.items():
+        replace_module(model, name, TrainableTokensEmbedding(model.get_submodule(name), ids))
     return names
 
 
@@ -184,14 +232,16 @@ def lora_parameter_names(model: nn.Module) -> list:
                 names.append(f"{name}.lora_magnitude_vector")
         elif isinstance(module, LoRAEmbedding):
             names += [f"{name}.lora_embedding_A", f"{name}.lora_embedding_B"]
+        elif isinstance(module, TrainableTokensEmbedding):
+            names.append(f"{name}.token_adapter.trainable_tokens_delta")
     return names
 
 
 def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
-    layers = wrapped_layers(model, (LoRALinear, LoRAEmbedding))
+    layers = wrapped_layers(model, (LoRALinear, LoRAEmbedding, TrainableTokensEmbedding))
     if merge:
         # Linear layers first: a quantized base raises there before any (embedding) weight changes.
-        layers.sort(key=lambda item: not isinstance(item[1], LoRALinear))
+        layers.sort(key=lambda item: not isinstance(item[1], LoRALinear))  # then embeddings, trainable tokens
         for _, module in layers:
             module.merge()  # raises for quantized bases before any layer is replaced
     return put_back_base_layers(model, layers)

@@ -281,10 +281,12 @@ class FastPeftModel(nn.Module):
                 "Use peft for it."
             )
         from fastpeft.nn.lora_embedding import LoRAEmbedding
+        from fastpeft.nn.trainable_tokens import TrainableTokensEmbedding
 
-        if any(isinstance(m, LoRAEmbedding) for m in self.base_model.model.modules()):
+        if any(isinstance(m, (LoRAEmbedding, TrainableTokensEmbedding)) for m in self.base_model.model.modules()):
             raise NotImplementedError(
-                f"{what} is not implemented for models with embedding LoRA layers (LoRAEmbedding); use peft for it"
+                f"{what} is not implemented for models with embedding LoRA layers (LoRAEmbedding) or trainable tokens "
+                "(trainable_token_indices); use peft for it"
             )
         if not self._multi and several:
             _adapters.to_multi(self.base_model.model, self.peft_type, next(iter(self._configs)))

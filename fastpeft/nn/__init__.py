@@ -8,8 +8,9 @@ from fastpeft.nn.multi_lora import MultiLoRALinear
 from fastpeft.nn.prefix import PrefixEncoder
 from fastpeft.nn.soft_prompt import PromptEncoder, SoftPrompt
 from fastpeft.nn.sparse_delta import SparseDeltaLinear
+from fastpeft.nn.trainable_tokens import TrainableTokensEmbedding
 
 __all__ = [
     "BottleneckAdapter", "BottleneckAdapterStack", "IA3Linear", "LoRAEmbedding", "LoRALinear", "LoRAProjectionGroup",
-    "MultiLoRALinear", "PrefixEncoder", "PromptEncoder", "SoftPrompt", "SparseDeltaLinear",
+    "MultiLoRALinear", "PrefixEncoder", "PromptEncoder", "SoftPrompt", "SparseDeltaLinear", "TrainableTokensEmbedding",
 ]  # fmt: skip

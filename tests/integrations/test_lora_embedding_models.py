@@ -194,10 +194,3 @@ def test_merge_on_nf4_model_raises_before_the_embedding_changes(tmp_path):
     layer = fast.base_model.model.model.embed_tokens
     assert isinstance(layer, LoRAEmbedding) and not layer.merged
     assert torch.equal(layer.base_layer.weight, weight)
-
-
-def test_trainable_token_indices_refused_by_name():
-    model = tiny_model("llama")
-    with pytest.raises(NotImplementedError, match="trainable_token_indices"):
-        fastpeft.get_peft_model(model, lora_config("llama", target_modules=["q_proj"], trainable_token_indices=[1, 2]))
-    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
