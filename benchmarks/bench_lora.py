@@ -44,7 +44,9 @@ def headline(kinds, dtype, dora=True):
              "where": {"mode": "fwd+bwd", "base": kind},
              "cells": [{"text": "{}x vs peft", "values": [{"ratio": ["peft", "fastpeft"]}]},
                        {"text": "{}x the frozen-linear floor", "values": [{"ratio": ["fastpeft", "floor"]}]},
-                       {"text": "saved bytes = peft's without dropout (x + tokens x r)"}]}
+                       {"text": "saved bytes = peft's without dropout (x + tokens x r); base GEMMs at {} of this "
+                                "machine's GEMM throughput",
+                        "values": [{"value": "fastpeft", "metric": "base_tflops_of_roofline"}]}]}
             for kind in kinds] + [
             {"what": f"DoRA linear fwd+bwd, {'NF4' if kind == 'nf4' else kind} base, {SHORT_DTYPE.get(dtype, dtype)}",
              "where": {"mode": "fwd+bwd", "base": kind},

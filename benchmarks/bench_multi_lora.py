@@ -51,7 +51,8 @@ def headline():
     return [{"what": f"multi-LoRA mixed-adapter batch, {label} (4-16 adapters, mixed ranks)", "where": {"mode": mode},
              "cells": [{"text": "{}x vs peft's mixed batch", "values": [{"ratio": ["peft", "fastpeft"]}]},
                        {"text": "{}x vs a loop over adapters", "values": [{"ratio": ["loop", "fastpeft"]}]},
-                       {"text": ""}]}
+                       {"text": "base GEMMs at {} of this machine's GEMM throughput",
+                        "values": [{"value": "fastpeft", "metric": "base_tflops_of_roofline"}]}]}
             for label, mode in (("infer", "fwd"), ("train", "fwd+bwd"))]  # fmt: skip
 
 

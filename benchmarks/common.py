@@ -34,6 +34,8 @@ Row: a flat dict with the core keys (``ROW_KEYS``)
                (then it says which metric it does measure, e.g. "tokens_per_s")
 
 optional keys with fixed meaning: ``gbps`` (achieved GB/s), ``tflops`` (achieved TFLOP/s),
+``<metric>_of_roofline`` (that throughput over this machine's measured limit, ``machine_roofline``:
+triad bandwidth for GB/s, large-GEMM throughput for TFLOP/s; the limits are in environment.roofline),
 ``saved_bytes`` (bytes autograd saves for backward, CPU), ``peak_bytes`` (peak CUDA bytes above the
 start; CPU rows measured with ``fastpeft.memory`` have it too, from the profiler), ``error``; any other key is free (shape numbers, ``base``, ``density``, ``max_abs_err_y``...).
 
@@ -107,6 +109,48 @@ def device_peaks(device: str) -> Optional[dict]:
         if key in name:
             return peaks
     return None
+
+
+_ROOFLINE = {}
+
+
+def machine_roofline(device: str) -> dict:
+    """This machine's limits, measured once per process on the threads the benchmark uses: memory
+    bandwidth from a STREAM-style triad (``a = b + s * c`` over float32 arrays far larger than the
+    caches; 12 bytes moved per element) and GEMM throughput from one large ``torch.mm`` (float32 on
+    the CPU, bfloat16 on a GPU). Medians of repeated runs."""
+    key = (device, torch.get_num_threads())
+    if key in _ROOFLINE:
+        return _ROOFLINE[key]
+    gpu = device.startswith("cuda")
+    n = (1 << 28) if gpu else (1 << 24)
+    b, c = torch.rand(n, device=device), torch.rand(n, device=device)
+    a = torch.empty_like(b)
+    triad = time_fn(lambda: torch.add(b, c, alpha=1.5, out=a), device, warmup=2, reps=9)
+    size, dtype = (8192, torch.bfloat16) if gpu else (2048, torch.float32)
+    x, y = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    gemm = time_fn(lambda: torch.mm(x, y), device, warmup=2, reps=7)
+    del a, b, c, x, y
+    _ROOFLINE[key] = {
+        "triad_gbps": 3 * 4 * n / (triad["median_ms"] * 1e-3) / 1e9,
+        "gemm_tflops": 2 * size**3 / (gemm["median_ms"] * 1e-3) / 1e12,
+        "gemm_dtype": dtype_name(dtype),
+        "threads": torch.get_num_threads(),
+    }
+    return _ROOFLINE[key]
+
+
+# Row metrics and the roofline figure each is a fraction of ("<metric>_of_roofline" in the row).
+ROOFLINE_METRICS = {"gbps": "triad_gbps", "tflops": "gemm_tflops", "base_tflops": "gemm_tflops"}
+
+
+def attach_roofline(rows: list, roofline: dict) -> None:
+    """Add ``<metric>_of_roofline`` (achieved / this machine's limit) to every row reporting a
+    throughput metric of ``ROOFLINE_METRICS``."""
+    for row in rows:
+        for metric, limit in ROOFLINE_METRICS.items():
+            if isinstance(row.get(metric), (int, float)):
+                row[f"{metric}_of_roofline"] = row[metric] / roofline[limit]
 
 
 def slug(text: str) -> str:
@@ -369,10 +413,14 @@ def results_file(bench: str, rows: list, headline: list, env: dict, config: Opti
     return {"bench": bench, "environment": env, "config": config or {}, "headline": headline, "rows": rows}
 
 
-def write_results(name: str, device: str, bench: str, rows: list, headline: list, config: Optional[dict] = None) -> str:
+def write_results(name: str, device: str, bench: str, rows: list, headline: list, config: Optional[dict] = None,
+                  roofline: Optional[dict] = None) -> str:  # fmt: skip
     """Check ``rows`` and ``headline`` against the schema and write them with this run's environment
-    to results/<device-slug>/<name>.json (atomically); return the path."""
+    (and the machine's roofline, if measured) to results/<device-slug>/<name>.json (atomically);
+    return the path."""
     env = environment(device)
+    if roofline is not None:
+        env["roofline"] = roofline
     data = results_file(bench, rows, headline, env, config)
     folder = os.path.join(RESULTS_DIR, slug(env["device"]))
     os.makedirs(folder, exist_ok=True)
@@ -385,12 +433,17 @@ def write_results(name: str, device: str, bench: str, rows: list, headline: list
 
 def finish(args: argparse.Namespace, device: str, name: str, bench: str, rows: list, headline: list,
            config: Optional[dict] = None, columns: Optional[list] = None) -> list:
-    """The end of every bench's main: print the rows, write results/<device>/<name>.json unless
-    --no-write (``write_results``), return the rows."""
+    """The end of every bench's main: measure this machine's roofline and put each row's throughput
+    as a fraction of it (``attach_roofline``), print the rows, write results/<device>/<name>.json
+    unless --no-write (``write_results``), return the rows."""
+    roofline = machine_roofline(device)
+    attach_roofline(rows, roofline)
+    print(f"\nroofline: triad {roofline['triad_gbps']:.1f} GB/s, {roofline['gemm_dtype']} GEMM "
+          f"{roofline['gemm_tflops'] * 1e3:.0f} GFLOP/s on {roofline['threads']} threads")
     print()
     print_table(rows, columns or TABLE_COLUMNS)
     if not args.no_write:
-        print("\nwrote", write_results(name, device, bench, rows, headline, config))
+        print("\nwrote", write_results(name, device, bench, rows, headline, config, roofline))
     return rows
 
 

@@ -67,6 +67,13 @@ def test_bench_writes_the_schema(name, tmp_path, monkeypatch):
         assert what and any(c not in ("", "-") for c in cells), (what, cells)
     markdown = summarize.summarise(str(path.parent))
     assert path.name in markdown
+    roofline = data["environment"].get("roofline")  # written by common.finish
+    if roofline is not None:
+        assert roofline["triad_gbps"] > 0 and roofline["gemm_tflops"] > 0
+        for r in data["rows"]:
+            for metric, limit in common.ROOFLINE_METRICS.items():
+                if isinstance(r.get(metric), (int, float)):
+                    assert r[f"{metric}_of_roofline"] == pytest.approx(r[metric] / roofline[limit])
 
 
 def test_bench_sparse_delta_checks(tmp_path, monkeypatch):
@@ -99,6 +106,16 @@ def test_bench_e2e_qlora_matches_peft(tmp_path, monkeypatch):
     for r in rows:  # one step measured by fastpeft.memory, side by side
         assert isinstance(r["saved_bytes"], int) and r["saved_bytes"] > 0, r
         assert isinstance(r["peak_bytes"], int) and r["peak_bytes"] > 0, r
+
+
+def test_roofline_is_measured_and_attached():
+    roofline = common.machine_roofline("cpu")
+    assert roofline is common.machine_roofline("cpu")  # once per process
+    assert 0.1 < roofline["triad_gbps"] < 10_000 and 1e-4 < roofline["gemm_tflops"] < 10_000
+    rows = [common.make_row("quant4bit", "c", "fwd", "float32", "fastpeft", {"median_ms": 1.0}, gbps=2.0),
+            common.make_row("lora", "c", "fwd+bwd", "float32", "fastpeft", {"median_ms": 1.0}, base_tflops=0.5)]
+    common.attach_roofline(rows, {"triad_gbps": 4.0, "gemm_tflops": 2.0})
+    assert rows[0]["gbps_of_roofline"] == 0.5 and rows[1]["base_tflops_of_roofline"] == 0.25
 
 
 def test_schema_check_refuses_bad_rows():
