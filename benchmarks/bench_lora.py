@@ -120,28 +120,38 @@ def providers(kind, base, r, dtype, dora=True):
     return out
 
 
-def measure(fn, trainable, frozen, x, grad, device, reps):
-    """{mode: stats} for fwd, bwd (after an untimed forward) and fwd+bwd; saved and peak bytes on fwd+bwd."""
+def measure(providers: dict, x, grad, device, reps):
+    """{provider: {mode: stats}} for fwd, bwd (after an untimed forward) and fwd+bwd, the providers
+    timed interleaved (``common.time_interleaved``) so the shared machine's drift hits all alike;
+    saved and peak bytes on fwd+bwd."""
 
-    def forward():
-        return fn(x)
+    def forward(fn):
+        return lambda: fn(x)
 
-    def both():
-        y = fn(x)
-        y.backward(grad)
+    def both(fn):
+        def run():
+            fn(x).backward(grad)
 
-    out = {"fwd": common.time_fn(forward, device, warmup=2, reps=reps),
-           "fwd+bwd": common.time_fn(both, device, warmup=1, reps=reps)}  # fmt: skip
-    bwd_times = []
-    for _ in range(reps):
-        y = fn(x)
-        common.synchronize(device)
-        bwd_times.append(common.once_ms(lambda: y.backward(grad, retain_graph=True), device))
-    out["bwd"] = common.stats_ms(bwd_times)
-    out["fwd+bwd"]["saved_bytes"] = common.saved_activation_bytes(forward, exclude=tuple(trainable) + tuple(frozen))
-    out["fwd+bwd"]["peak_bytes"] = common.peak_memory_bytes(both, device)
-    for p in trainable:
-        p.grad = None
+        return run
+
+    out = {name: {} for name in providers}
+    for mode, make, warmup in (("fwd", forward, 2), ("fwd+bwd", both, 1)):
+        stats = common.time_interleaved({n: make(p[0]) for n, p in providers.items()}, device, warmup=warmup, reps=reps)
+        for name, st in stats.items():
+            out[name][mode] = st
+    for name, (fn, _, _) in providers.items():  # bwd alone: one forward, then timed backward passes
+        bwd_times = []
+        for _ in range(reps):
+            y = fn(x)
+            common.synchronize(device)
+            bwd_times.append(common.once_ms(lambda: y.backward(grad), device))
+        out[name]["bwd"] = common.stats_ms(bwd_times)
+    for name, (fn, trainable, frozen) in providers.items():
+        out[name]["fwd+bwd"]["saved_bytes"] = common.saved_activation_bytes(lambda: fn(x),
+                                                                            exclude=tuple(trainable) + tuple(frozen))  # fmt: skip
+        out[name]["fwd+bwd"]["peak_bytes"] = common.peak_memory_bytes(both(fn), device)
+        for p in trainable:
+            p.grad = None
     x.grad = None
     return out
 
@@ -171,8 +181,9 @@ def main(argv=None):
                     x = torch.randn(tokens, in_f, dtype=dtype, device=device, requires_grad=True)
                     grad = torch.randn(tokens, out_f, dtype=dtype, device=device)
                     case = f"{kind} {in_f}x{out_f} t{tokens} r{r}"
-                    for name, (fn, trainable, frozen) in providers(kind, base, r, dtype, not args.no_dora).items():
-                        for mode, st in measure(fn, trainable, frozen, x, grad, device, reps).items():
+                    measured = measure(providers(kind, base, r, dtype, not args.no_dora), x, grad, device, reps)
+                    for name, by_mode in measured.items():
+                        for mode, st in by_mode.items():
                             row = common.make_row("lora", case, mode, dtype, name, st, base=kind, in_f=in_f,
                                                   out_f=out_f, tokens=tokens, r=r)  # fmt: skip
                             if mode == "fwd+bwd":
