@@ -201,3 +201,31 @@ def test_opcheck(device, nested):
     out = torch.empty(32 * 64, dtype=torch.float16, device=device)
     args = (qw.packed, qw.absmax, qw.nested_absmax, qw.nested_code, qw.nested_offset, 64, 256, "fp4", out)
     torch.library.opcheck(torch.ops.fastpeft.dequantize_4bit_, args)
+
+
+@pytest.mark.parametrize("path", ["avx512", "avx2", "scalar"])
+def test_every_cpu_dequant_path_is_bit_exact(path):
+    """The CPU kernel picks its AVX-512 / AVX2 / scalar byte loop from the CPU at load time; each one
+    (forced by FASTPEFT_CPU_DEQUANT, in a fresh process) gives the reference's raw bits."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch, bitsandbytes.functional as BF
+from fastpeft.ops.quant4bit import dequantize_4bit, dequantize_4bit_reference
+from fastpeft.quant import Quant4bitWeight
+torch.manual_seed(0)
+for shape, bs in [((431, 123), 64), ((3, 5), 64), ((40, 4096), 256), ((17, 72), 128)]:
+    for qt in ("nf4", "fp4"):
+        for nested in (False, True):
+            packed, state = BF.quantize_4bit(torch.randn(shape), blocksize=bs, quant_type=qt, compress_statistics=nested)
+            qw = Quant4bitWeight.from_bnb(packed, state)
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                got, want = dequantize_4bit(qw, dtype=dtype), dequantize_4bit_reference(qw, dtype=dtype)
+                assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (shape, qt, nested, dtype)
+print("ok")
+"""
+    env = dict(os.environ, FASTPEFT_CPU_DEQUANT=path)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
