@@ -99,6 +99,10 @@ __attribute__((target("sse2"))) inline __m128i nibbles_in_order(__m128i bytes) {
   return _mm_unpacklo_epi8(hi, lo);  // 8 bytes -> 16 nibbles
 }
 
+// GCC 12 warns (-Wmaybe-uninitialized) inside its own _mm512_cvtepu8_epi32, whose pass-through
+// operand is an intentionally undefined register; the warning is a known false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 __attribute__((target("avx512f"))) void dequantize_bytes_avx512(const uint8_t* packed, int64_t nbytes,
                                                                 const float* code, float scale, float* out) {
   const __m512 table = _mm512_loadu_ps(code);
@@ -111,6 +115,7 @@ __attribute__((target("avx512f"))) void dequantize_bytes_avx512(const uint8_t* p
   }
   dequantize_bytes_scalar(packed + i, nbytes - i, code, scale, out + 2 * i);
 }
+#pragma GCC diagnostic pop
 
 __attribute__((target("avx2"))) void dequantize_bytes_avx2(const uint8_t* packed, int64_t nbytes, const float* code,
                                                            float scale, float* out) {
