@@ -35,7 +35,9 @@ def headline(bank):
     """The README row: fwd+bwd time of the unfused PyTorch module over fastpeft's, over the cases."""
     return [{"what": f"bottleneck adapter fwd+bwd (single, bank of {bank}, stack of 2)", "where": {"mode": "fwd+bwd"},
              "cells": [{"text": "{}x vs the unfused PyTorch module", "values": [{"ratio": ["unfused", "fastpeft"]}]},
-                       {"text": ""}, {"text": ""}]}]  # fmt: skip
+                       {"text": "activation traffic at {} of this machine's triad bandwidth",
+                        "values": [{"value": "fastpeft", "metric": "gbps_of_roofline"}]},
+                       {"text": ""}]}]  # fmt: skip
 
 
 class UnfusedAdapter(nn.Module):
@@ -129,8 +131,17 @@ def rows_for(shapes, dtype, device, reps):
     for case, providers in cases:
         for mode in ("fwd", "fwd+bwd"):
             for name, st in bench(providers, device, mode, [x, h], reps).items():
-                rows.append(common.make_row("adapter", case, mode, dtype, name, st, M=M, d=d, r=r))
+                row = common.make_row("adapter", case, mode, dtype, name, st, M=M, d=d, r=r)
+                row["gbps"] = activation_bytes(M, d, x.element_size(), mode) / (st["median_ms"] * 1e-3) / 1e9
+                rows.append(row)
     return rows
+
+
+def activation_bytes(M: int, d: int, elem: int, mode: str) -> int:
+    """The [M, d] activation traffic any adapter layer must pay (the weights, r x d, are small next to
+    it): forward reads x and the residual and writes the output; backward also reads the output
+    gradient and writes the gradients of x and of the residual."""
+    return (3 if mode == "fwd" else 6) * M * d * elem
 
 
 def main(argv=None):

@@ -52,7 +52,8 @@ def headline():
     return [{"what": "SparseDeltaLinear fwd+bwd (dense and NF4 bases, density 0.1-2%)", "where": {"mode": "fwd+bwd"},
              "cells": [{"text": "{}x vs the dense-delta practice", "values": [{"ratio": ["reference", "fastpeft"]}]},
                        {"text": "{}x the frozen-linear floor", "values": [{"ratio": ["fastpeft", "floor"]}]},
-                       {"text": "saves only x for backward"}]}]  # fmt: skip
+                       {"text": "saves only x for backward; base GEMMs at {} of this machine's GEMM throughput",
+                        "values": [{"value": "fastpeft", "metric": "base_tflops_of_roofline"}]}]}]  # fmt: skip
 
 
 def frozen_dense_weight(base, kind, dtype):
@@ -132,6 +133,8 @@ def case_rows(kind, in_f, out_f, tokens, dtype, device, reps, densities, gen):
                 row = common.make_row("sparse_delta", f"{kind} {in_f}x{out_f} t{tokens} d{density:g}", mode, dtype,
                                       name, st, base=kind, in_f=in_f, out_f=out_f, tokens=tokens, density=density,
                                       k=k, saved_bytes=saved, peak_bytes=common.peak_memory_bytes(runs[name], device))  # fmt: skip
+                # The frozen GEMMs every provider runs (forward; and the input gradient), 2 flops per MAC.
+                row["base_tflops"] = (2 if mode == "fwd" else 4) * tokens * in_f * out_f / (st["median_ms"] * 1e-3) / 1e12
                 if name == "fastpeft":
                     row.update(max_abs_err_y=err_y, max_abs_err_dvalues=err_v)
                 rows.append(row)
