@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include "common/dropout_mask.h"
 
@@ -10,5 +11,9 @@ namespace fastpeft {
 
 // Validates p in [0, 1) and the seed (naming `op`), and builds the mask. Reads the seed on the host.
 DropoutMask dropout_mask_from(double p, const at::Tensor& seed, const char* op);
+
+// The seed when dropout is on (p > 0), else nullopt; checks p in [0, 1) and that p > 0 comes with a
+// seed (naming `op`). For composite ops that pass the seed on to the dropout kernels.
+c10::optional<at::Tensor> seed_if_dropout(double p, const c10::optional<at::Tensor>& seed, const char* op);
 
 }  // namespace fastpeft

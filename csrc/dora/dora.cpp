@@ -22,7 +22,9 @@
 #include <array>
 
 #include "common/checks.h"
+#include "common/dropout_seed.h"
 #include "common/frozen_weights.h"
+#include "lora/lora.h"
 
 namespace fastpeft {
 namespace {
@@ -58,13 +60,6 @@ DoraShapes check_dora_args(const at::Tensor& x, const FrozenWeight& W, const at:
   return s;
 }
 
-c10::optional<at::Tensor> seed_if_dropout(double p, const c10::optional<at::Tensor>& seed, const char* op) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
-  TORCH_CHECK(p == 0.0 || (seed.has_value() && seed->defined()), op,
-              ": dropout_p > 0 needs a seed (an int64 tensor with one element)");
-  return p == 0.0 ? c10::nullopt : seed;
-}
-
 at::Tensor call_dropout_apply(const at::Tensor& x, double p, const at::Tensor& seed) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastpeft::dropout_apply", "")
@@ -77,13 +72,6 @@ void call_dropout_apply_add(at::Tensor& out, const at::Tensor& x, double p, cons
                        .findSchemaOrThrow("fastpeft::dropout_apply_add_", "")
                        .typed<void(at::Tensor&, const at::Tensor&, double, const at::Tensor&)>();
   op.call(out, x, p, seed);
-}
-
-at::Tensor call_grad_A_dropout(const at::Tensor& g, const at::Tensor& x, double p, const at::Tensor& seed) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastpeft::lora_grad_A_dropout", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>();
-  return op.call(g, x, p, seed);
 }
 
 // n = ||W + s B A||_2 per output row, float32, from ||W_r||^2, A W^T [r, O] and the factors.
@@ -187,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
   if (need_x || need_adapter) grad_shrink = at::mm(g_lora, lora_B).mul_(scaling);
   if (need_adapter) {
     grad_B = at::mm(g_lora.t(), shrink).mul_(scaling);
-    grad_A = dropout_seed ? call_grad_A_dropout(grad_shrink, x2, dropout_p, *dropout_seed) : at::mm(grad_shrink.t(), x2);
+    grad_A = dropout_seed ? lora_grad_A_dropout_call(grad_shrink, x2, dropout_p, *dropout_seed) : at::mm(grad_shrink.t(), x2);
     // d out / d m = y / n (n is detached, as in peft): a float32 column reduction.
     grad_m = at::sum(g * y, {0}, false, at::kFloat).div_(weight_norm).to(magnitude.scalar_type());
   }

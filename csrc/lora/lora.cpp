@@ -78,13 +78,6 @@ void check_biases(const at::Tensor& x, const FrozenWeights& W, const c10::List<c
   }
 }
 
-c10::optional<at::Tensor> seed_if_dropout(double p, const c10::optional<at::Tensor>& seed) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, kOp, ": dropout_p must be in [0, 1), got ", p);
-  TORCH_CHECK(p == 0.0 || (seed.has_value() && seed->defined()), kOp,
-              ": dropout_p > 0 needs a seed (an int64 tensor with one element)");
-  return p == 0.0 ? c10::nullopt : seed;
-}
-
 at::Tensor concat_rows(at::TensorList mats) {
   return mats.size() == 1 ? mats[0].contiguous() : at::cat(mats, 0);
 }
@@ -94,13 +87,6 @@ at::Tensor call_shrink_dropout(const at::Tensor& x, const at::Tensor& A, double 
                        .findSchemaOrThrow("fastpeft::lora_shrink_dropout", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>();
   return op.call(x, A, p, seed);
-}
-
-at::Tensor call_grad_A_dropout(const at::Tensor& g, const at::Tensor& x, double p, const at::Tensor& seed) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastpeft::lora_grad_A_dropout", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>();
-  return op.call(g, x, p, seed);
 }
 
 void call_grad_x_dropout_accum(at::Tensor& gx, const at::Tensor& g, const at::Tensor& A, double p,
@@ -123,7 +109,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> lora_forward(
     const c10::optional<at::Tensor>& seed) {
   const auto args = check_lora_args(x, W, lora_A, lora_B, scalings);
   check_biases(x, W, biases);
-  const auto dropout_seed = seed_if_dropout(dropout_p, seed);
+  const auto dropout_seed = seed_if_dropout(dropout_p, seed, kOp);
   const int64_t K = args.in_features;
   const auto x2 = x.reshape({-1, K}).contiguous();
 
@@ -155,7 +141,7 @@ Grads lora_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Ten
                     at::ArrayRef<double> scalings, double dropout_p, const c10::optional<at::Tensor>& seed,
                     std::array<bool, 4> output_mask) {
   const auto args = check_lora_args(x, W, lora_A, lora_B, scalings);
-  const auto dropout_seed = seed_if_dropout(dropout_p, seed);
+  const auto dropout_seed = seed_if_dropout(dropout_p, seed, kOp);
   TORCH_CHECK(grad_outs.size() == W.size(), kOp, "_backward: expected ", W.size(), " grad_outs, got ", grad_outs.size());
   const int64_t K = args.in_features;
   const auto x2 = x.reshape({-1, K}).contiguous();
@@ -181,7 +167,7 @@ Grads lora_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Ten
   }
   if (need_lora) {
     const auto A_cat = concat_rows(lora_A);
-    const auto grad_A_cat = dropout_seed ? call_grad_A_dropout(grad_shrink, x2, dropout_p, *dropout_seed)
+    const auto grad_A_cat = dropout_seed ? lora_grad_A_dropout_call(grad_shrink, x2, dropout_p, *dropout_seed)
                                          : at::mm(grad_shrink.t(), x2);
     int64_t offset = 0;
     for (size_t i = 0; i < W.size(); ++i) {

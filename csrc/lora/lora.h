@@ -19,6 +19,11 @@ at::Tensor lora_shrink_dropout_cpu(const at::Tensor& x, const at::Tensor& lora_A
 at::Tensor lora_grad_A_dropout_cpu(const at::Tensor& grad_shrink, const at::Tensor& x, const DropoutMask& mask);
 void lora_grad_x_dropout_accum_cpu(at::Tensor& grad_x, const at::Tensor& grad_shrink, const at::Tensor& lora_A,
                                    const DropoutMask& mask);
+// grad_shrink^T dropout(x) through the dispatcher (the device's lora_grad_A_dropout kernel): the
+// LoRA A gradient under the seed's mask, for the composite ops (LoRA, DoRA).
+at::Tensor lora_grad_A_dropout_call(const at::Tensor& grad_shrink, const at::Tensor& x, double p,
+                                    const at::Tensor& seed);
+
 #ifdef FASTPEFT_WITH_CUDA
 at::Tensor lora_shrink_dropout_cuda(const at::Tensor& x, const at::Tensor& lora_A, const DropoutMask& mask);
 at::Tensor lora_grad_A_dropout_cuda(const at::Tensor& grad_shrink, const at::Tensor& x, const DropoutMask& mask);

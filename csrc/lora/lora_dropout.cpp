@@ -62,6 +62,14 @@ void grad_x_dropout_accum_(at::Tensor& grad_x, const at::Tensor& grad_shrink, co
 
 }  // namespace
 
+at::Tensor lora_grad_A_dropout_call(const at::Tensor& grad_shrink, const at::Tensor& x, double p,
+                                    const at::Tensor& seed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastpeft::lora_grad_A_dropout", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>();
+  return op.call(grad_shrink, x, p, seed);
+}
+
 TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
   m.impl("lora_shrink_dropout", &shrink_dropout<lora_shrink_dropout_cpu>);
   m.impl("lora_grad_A_dropout", &grad_A_dropout<lora_grad_A_dropout_cpu>);
