@@ -202,37 +202,51 @@ def find_shared_input_groups(model: nn.Module, inputs: Optional[dict] = None, la
     return groups
 
 
+def install_groups(model: nn.Module, make_group, inputs: Optional[dict] = None, layers: Optional[dict] = None,
+                   key=_format, who: str = "fastpeft") -> list:  # fmt: skip
+    """Find the groups (``find_shared_input_groups`` with ``layers`` and ``key``) and give each member
+    its group, ``make_group(members)``; returns the groups as lists of names. If the example forward
+    fails (a model whose forward needs more than ``dummy_inputs``), warns (naming ``who``, at the
+    caller's caller) and groups nothing."""
+    try:
+        groups = find_shared_input_groups(model, inputs, layers=layers, key=key)
+    except Exception as error:  # noqa: BLE001 (any failure of the example forward: run ungrouped)
+        warnings.warn(
+            f"{who} could not find the projections that share an input ({type(error).__name__}: {error}); "
+            "every LoRA layer runs on its own. Pass group_projections=<example inputs dict> to group them.",
+            stacklevel=4,
+        )
+        return []
+    modules = dict(model.named_modules())
+    for names in groups:
+        members = [modules[n] for n in names]
+        shared = make_group(members)
+        for layer in members:
+            layer.__dict__[_GROUP] = shared
+            layer.__dict__[_HANDOVER] = None
+    return groups
+
+
+def drop_group(module: nn.Module) -> None:
+    """Take ``module`` out of its group (and drop any output handed to it)."""
+    module.__dict__.pop(_GROUP, None)
+    module.__dict__.pop(_HANDOVER, None)
+
+
 def group_projections(model: nn.Module, inputs: Optional[dict] = None) -> list:
     """Group the ``LoRALinear`` layers of ``model`` that read the same input (see the module docstring);
     returns the groups as lists of names. Layers already grouped are regrouped. If the example
     forward fails (a model whose forward needs more than ``dummy_inputs``), warns and groups nothing:
     pass ``inputs``."""
     ungroup_projections(model)
-    try:
-        groups = find_shared_input_groups(model, inputs)
-    except Exception as error:  # noqa: BLE001 (any failure of the example forward: run ungrouped)
-        warnings.warn(
-            f"fastpeft could not find the projections that share an input ({type(error).__name__}: {error}); "
-            "every LoRA layer runs on its own. Pass group_projections=<example inputs dict> to group them.",
-            stacklevel=3,
-        )
-        return []
-    modules = dict(model.named_modules())
-    for names in groups:
-        layers = [modules[n] for n in names]
-        shared = SharedInputGroup(layers)
-        for layer in layers:
-            layer.__dict__[_GROUP] = shared
-            layer.__dict__[_HANDOVER] = None
-    return groups
+    return install_groups(model, SharedInputGroup, inputs)
 
 
 def ungroup_projections(model: nn.Module) -> None:
     """Make every ``LoRALinear`` of ``model`` run on its own again (today's behaviour)."""
     for m in model.modules():
         if isinstance(m, LoRALinear):
-            m.__dict__.pop(_GROUP, None)
-            m.__dict__.pop(_HANDOVER, None)
+            drop_group(m)
 
 
 def projection_groups(model: nn.Module) -> list:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from fastpeft.integrations import patch_grouping, patch_ia3, patch_lora_embedding
-from fastpeft.integrations.grouping import _GROUP, _HANDOVER
+from fastpeft.integrations.grouping import _GROUP, drop_group
 from fastpeft.nn import base as _frozen
 from fastpeft.nn.base import frozen_base  # noqa: F401  (patch_ia3 and the fused forwards use it)
 from fastpeft.nn.base import base_layer_problem, keep_standard_4bit_layout
@@ -132,6 +132,7 @@ def tuner_layer_class() -> type:
 
 
 _TUNER_LAYER = None
+_DORA_CLASSES = None
 
 
 def common_forward_problem(layer, args: tuple, kwargs: dict, base=None):
@@ -168,18 +169,18 @@ def single_plain_adapter(layer, container, allow_dora: bool = False):
     if len(adapters) > 1:
         return None, f"{len(adapters)} active adapters on one layer"
     adapter = adapters[0]
-    if adapter in layer.lora_variant and not (allow_dora and _dora_reason(layer, adapter) is None):
-        reason = _dora_reason(layer, adapter) if allow_dora else None
-        return None, reason or f"LoRA variant {type(layer.lora_variant[adapter]).__name__} (e.g. DoRA)"
+    if adapter in layer.lora_variant:
+        reason = (_dora_reason(layer, adapter) if allow_dora
+                  else f"LoRA variant {type(layer.lora_variant[adapter]).__name__} (e.g. DoRA)")  # fmt: skip
+        if reason is not None:
+            return None, reason
     return adapter, None
 
 
 def _dora_reason(layer, adapter) -> str | None:
     """None when adapter ``adapter`` of a LoRA Linear layer is peft's plain DoRA (the fused DoRA op
     runs it), else why not."""
-    from peft.tuners.lora.dora import DoraLinearLayer
-    from peft.tuners.lora.variants import DoraLinearVariant
-
+    DoraLinearVariant, DoraLinearLayer = _dora_classes()
     variant = layer.lora_variant[adapter]
     if type(variant) is not DoraLinearVariant:
         return f"LoRA variant {type(variant).__name__}"
@@ -190,6 +191,17 @@ def _dora_reason(layer, adapter) -> str | None:
     if getattr(layer, "ephemeral_gpu_offload", False):
         return "DoRA with ephemeral_gpu_offload"
     return None
+
+
+def _dora_classes() -> tuple:
+    """peft's (DoraLinearVariant, DoraLinearLayer), imported once (the check runs on every forward)."""
+    global _DORA_CLASSES
+    if _DORA_CLASSES is None:
+        from peft.tuners.lora.dora import DoraLinearLayer
+        from peft.tuners.lora.variants import DoraLinearVariant
+
+        _DORA_CLASSES = (DoraLinearVariant, DoraLinearLayer)
+    return _DORA_CLASSES
 
 
 def present_active_adapters(layer, container) -> list:
@@ -427,8 +439,7 @@ def unpatch(peft_model: nn.Module) -> int:
     for module in peft_model.modules():
         if getattr(module, _MARK, False):
             del module.forward  # the instance attribute; the class's (peft's) forward shows again
-            module.__dict__.pop(_GROUP, None)
-            module.__dict__.pop(_HANDOVER, None)
+            drop_group(module)
             delattr(module, _MARK)
             module.__dict__.pop(_REASON, None)
             module.__dict__.pop(_WARNED, None)

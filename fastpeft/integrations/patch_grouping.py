@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
 
 from fastpeft.integrations import grouping
@@ -77,32 +76,14 @@ def ungroup(model: nn.Module) -> None:
     """Drop every group of patched layers (they run on their own again)."""
     for m in model.modules():
         if isinstance(m.__dict__.get(grouping._GROUP), PatchedLoRAGroup):
-            m.__dict__.pop(grouping._GROUP, None)
-            m.__dict__.pop(grouping._HANDOVER, None)
+            grouping.drop_group(m)
 
 
 def group_patched(model: nn.Module, layers: dict, check, run_alone, note_fused, inputs: Optional[dict] = None) -> list:
     """Group the patched LoRA ``layers`` (name -> peft layer) of ``model`` that read the same input;
     returns the groups as lists of names. If the example forward fails, warns and groups nothing."""
-    import warnings
-
     ungroup(model)
     if len(layers) < 2:
         return []
-    try:
-        with torch.random.fork_rng():
-            groups = grouping.find_shared_input_groups(model, inputs, layers=layers, key=_key)
-    except Exception as error:  # noqa: BLE001 (any failure of the example forward: run ungrouped)
-        warnings.warn(
-            f"fastpeft.patch could not find the projections that share an input ({type(error).__name__}: {error}); "
-            "every LoRA layer runs on its own. Pass group_projections=<example inputs dict> to group them.",
-            stacklevel=3,
-        )
-        return []
-    for names in groups:
-        members = [layers[n] for n in names]
-        shared = PatchedLoRAGroup(members, check, run_alone, note_fused)
-        for layer in members:
-            layer.__dict__[grouping._GROUP] = shared
-            layer.__dict__[grouping._HANDOVER] = None
-    return groups
+    return grouping.install_groups(model, lambda members: PatchedLoRAGroup(members, check, run_alone, note_fused),
+                                   inputs, layers=layers, key=_key, who="fastpeft.patch")  # fmt: skip

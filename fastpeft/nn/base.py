@@ -149,6 +149,16 @@ def frozen_weight(base_layer: nn.Module, kind: str, dtype: torch.dtype) -> Froze
     return cast(base_layer.weight, dtype)
 
 
+def fused_lora_args(base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor,
+                    kind: Optional[str] = None):  # fmt: skip
+    """(compute dtype, frozen weight, bias, A, B) for the fused LoRA / DoRA ops; tensors in the
+    compute dtype. ``kind`` is the base kind, ``"dense"``, ``"4bit"`` or ``"int8"`` (None: detected)."""
+    kind = kind or base_kind(base_layer)
+    dtype = compute_dtype(base_layer, x, kind)
+    weight = frozen_weight(base_layer, kind, dtype)
+    return dtype, weight, cast(base_layer.bias, dtype), cast(lora_A, dtype), cast(lora_B, dtype)
+
+
 @torch.no_grad()
 def fold_delta_(weight: torch.Tensor, delta: torch.Tensor, sign: float = 1.0) -> None:
     """``weight += sign * delta`` in float32, rounded once to the weight's dtype (merge / unmerge of

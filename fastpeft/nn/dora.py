@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastpeft.nn.base import cast, compute_dtype, frozen_weight, output_dtype
+from fastpeft.nn.base import cast, frozen_weight, fused_lora_args, output_dtype
 from fastpeft.nn.base import base_kind as _base_kind
 from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.frozen_weight import dense_weight_reference
@@ -49,11 +49,9 @@ def fused_dora_forward(holder: nn.Module, base_layer: nn.Module, lora_A: torch.T
     """peft's DoRA forward of one projection through the fused op. ``holder`` keeps the cached
     ``||W_row||^2``. A quantized base returns x's dtype, as bitsandbytes does."""
     kind = kind or _base_kind(base_layer)
-    dtype = compute_dtype(base_layer, x, kind)
-    weight = frozen_weight(base_layer, kind, dtype)
+    dtype, weight, bias, A, B = fused_lora_args(base_layer, lora_A, lora_B, x, kind)
     sq_norm = cached_weight_sq_norm(holder, base_layer, kind, dtype)
-    out = dora_linear(cast(x, dtype), weight, cast(base_layer.bias, dtype), cast(lora_A, dtype), cast(lora_B, dtype),
-                      magnitude, scaling, dropout_p, weight_sq_norm=sq_norm)  # fmt: skip
+    out = dora_linear(cast(x, dtype), weight, bias, A, B, magnitude, scaling, dropout_p, weight_sq_norm=sq_norm)
     return cast(out, output_dtype(x, dtype, kind))
 
 

@@ -9,22 +9,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fastpeft.nn.base import (cast, check_base_layer, compute_dtype, fold_delta_, freeze, frozen_weight, kind_label,
+from fastpeft.nn.base import (cast, check_base_layer, fold_delta_, freeze, fused_lora_args, kind_label,
                               output_dtype)  # fmt: skip
 from fastpeft.nn.base import base_kind as _base_kind
 from fastpeft.nn.dora import dora_weight_norm, fused_dora_forward
 from fastpeft.ops.lora import lora_linear_grouped
-
-
-def fused_lora_args(base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, x: torch.Tensor,
-                    kind: Optional[str] = None):  # fmt: skip
-    """(compute dtype, frozen weight, bias, A, B) for the fused op; tensors in the compute dtype.
-
-    ``kind`` is the base kind, ``"dense"``, ``"4bit"`` or ``"int8"`` (None: detected)."""
-    kind = kind or _base_kind(base_layer)
-    dtype = compute_dtype(base_layer, x, kind)
-    weight = frozen_weight(base_layer, kind, dtype)
-    return dtype, weight, cast(base_layer.bias, dtype), cast(lora_A, dtype), cast(lora_B, dtype)
 
 
 def fused_lora_forward(base_layer, lora_A, lora_B, scaling, dropout_p, x, kind: Optional[str] = None):

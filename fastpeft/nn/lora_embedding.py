@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fastpeft.nn.base import fold_delta_
+from fastpeft.nn.base import fold_delta_, freeze
 
 
 def embedding_base_problem(module: nn.Module):
@@ -86,8 +86,7 @@ class LoRAEmbedding(nn.Module):
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
         self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
+        freeze(base_layer)
         self.num_embeddings = base_layer.num_embeddings
         self.embedding_dim = base_layer.embedding_dim
         self.r = r

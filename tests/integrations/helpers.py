@@ -156,3 +156,22 @@ def assert_parity(reference, fast, inputs, scale=10.0) -> dict:
 def unlabelled(inputs: dict) -> dict:
     """``inputs`` without labels: a causal LM with fastpeft's fused loss returns logits then."""
     return {k: v for k, v in inputs.items() if k != "labels"}
+
+
+def assert_checkpoints_both_ways(base, peft_model, fast, inputs, tmp_path, scale=10.0) -> None:
+    """``fast``'s checkpoint loads into peft and ``peft_model``'s into fastpeft (each over a copy of
+    ``base``), and each loaded model gives its source's logits on ``inputs`` in eval mode (all four
+    models are left in eval mode). Checkpoints go to ``tmp_path / "fast"`` and ``/ "peft"``."""
+    from tests.utils import assert_close
+
+    fast.save_pretrained(tmp_path / "fast")
+    loaded_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fast")
+    fast.eval()
+    loaded_peft.eval()
+    assert_close(loaded_peft(**inputs).logits, fast(**inputs).logits, scale=scale)
+
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded_fast = fastpeft.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft"))
+    peft_model.eval()
+    loaded_fast.eval()
+    assert_close(loaded_fast(**inputs).logits, peft_model(**inputs).logits, scale=scale)

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 import fastpeft  # noqa: E402
 from fastpeft.nn import LoRALinear  # noqa: E402
 from fastpeft.ops import dora_linear_reference, new_seed  # noqa: E402
-from tests.integrations.helpers import (assert_parity, batch, lora_config, recorded_ops, tiny_model,  # noqa: E402
+from tests.integrations.helpers import (assert_checkpoints_both_ways, assert_parity, batch, lora_config, recorded_ops, tiny_model,  # noqa: E402
                                         tiny_model_4bit, twins, unlabelled)  # fmt: skip
 from tests.utils import OneLayer, assert_close, saved_tensor_bytes  # noqa: E402
 
@@ -78,18 +78,7 @@ def test_dropout_in_training_is_peft_math_with_the_seeded_mask():
 def test_checkpoints_both_ways(tmp_path):
     base = tiny_model("llama")
     peft_model, fast = twins(base, dora_config("llama"))
-    inputs = unlabelled(batch("llama"))
-    fast.save_pretrained(tmp_path / "fast")
-    loaded_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fast")
-    fast.eval()
-    loaded_peft.eval()
-    assert_close(loaded_peft(**inputs).logits, fast(**inputs).logits, scale=10)
-
-    peft_model.save_pretrained(tmp_path / "peft")
-    loaded_fast = fastpeft.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft"))
-    peft_model.eval()
-    loaded_fast.eval()
-    assert_close(loaded_fast(**inputs).logits, peft_model(**inputs).logits, scale=10)
+    assert_checkpoints_both_ways(base, peft_model, fast, unlabelled(batch("llama")), tmp_path)
 
 
 def test_merge_and_unload_equals_peft_merge():

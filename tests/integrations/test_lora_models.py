@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
 from fastpeft.nn import LoRALinear  # noqa: E402
-from tests.integrations.helpers import assert_parity, batch, lora_config, loss_and_grads, recorded_ops, tiny_model, tiny_model_4bit, twins  # noqa: E402
+from tests.integrations.helpers import assert_checkpoints_both_ways, assert_parity, batch, lora_config, loss_and_grads, recorded_ops, tiny_model, tiny_model_4bit, twins  # noqa: E402
 from tests.utils import assert_close  # noqa: E402
 
 ARCHS = ["llama", "qwen2", "bert"]
@@ -63,19 +63,8 @@ def test_print_trainable_parameters(capsys):
 def test_save_with_fastpeft_load_with_peft_and_back(tmp_path):
     base = tiny_model("bert")
     peft_model, fast = twins(base, lora_config("bert"))
-    fast.save_pretrained(tmp_path / "fast")
+    assert_checkpoints_both_ways(base, peft_model, fast, batch("bert"), tmp_path)
     assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    loaded_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fast")
-    inputs = batch("bert")
-    fast.eval()
-    loaded_peft.eval()
-    assert_close(loaded_peft(**inputs).logits, fast(**inputs).logits, scale=10)
-
-    peft_model.save_pretrained(tmp_path / "peft")
-    loaded_fast = fastpeft.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft"))
-    peft_model.eval()
-    loaded_fast.eval()
-    assert_close(loaded_fast(**inputs).logits, peft_model(**inputs).logits, scale=10)
 
 
 def _model_fingerprint(model):

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
 from fastpeft.nn.trainable_tokens import TrainableTokensEmbedding  # noqa: E402
-from tests.integrations.helpers import (assert_parity, batch, lora_config, tiny_model, twins,  # noqa: E402
+from tests.integrations.helpers import (assert_checkpoints_both_ways, assert_parity, batch, lora_config, tiny_model, twins,  # noqa: E402
                                         unlabelled)  # fmt: skip
 from tests.utils import assert_close, saved_tensors  # noqa: E402
 
@@ -67,17 +67,8 @@ def test_parity_with_peft_and_checkpoints_both_ways(tmp_path):
     inputs["input_ids"][0, :4] = torch.tensor(IDS)
     grads = assert_parity(peft_model, fast, inputs)
     assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in grads
-    fast.save_pretrained(tmp_path / "fast")
-    loaded_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fast")
     plain = unlabelled(inputs)
-    fast.eval()
-    loaded_peft.eval()
-    assert_close(loaded_peft(**plain).logits, fast(**plain).logits, scale=10)
-    peft_model.save_pretrained(tmp_path / "peft")
-    loaded_fast = fastpeft.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft"))
-    loaded_fast.eval()
-    peft_model.eval()
-    assert_close(loaded_fast(**plain).logits, peft_model(**plain).logits, scale=10)
+    assert_checkpoints_both_ways(base, peft_model, fast, plain, tmp_path)
     merged = fast.merge_and_unload()
     assert not any(isinstance(m, TrainableTokensEmbedding) for m in merged.modules())
     assert_close(merged(**plain).logits, peft_model(**plain).logits, scale=100)
