@@ -6,7 +6,8 @@
 //   out = res + s * a~ [Wu | bu | 0]^T     one GEMM that reads res as C (beta = 1): the residual is
 //                                          added in place and the up bias comes with the GEMM
 // Backward keeps per stage only z (the r-wide activation input); LN(h), act(z) and the inputs of
-// later stages are recomputed (GEMMs with the small r, and one layer norm).
+// later stages are recomputed (GEMMs with the small r, and one layer norm: for a single adapter
+// ATen's affine layer norm forward and backward, whose backward also gives the affine's gradients).
 //
 // Banks: with adapter_ids, example b uses entry ids[b] of each bank. The GEMMs then run batched
 // over examples (bmm against the gathered [B, r, d] / [B, d, r] weights) and the weight gradients
@@ -263,16 +264,19 @@ StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor&
   auto a_aug = at::empty({M, r_pad}, h.options());
   auto z_copy = z;  // epilogue without bias only reads z
   down_epilogue(z_copy, at::Tensor(), s.banks, a_aug, chain.act);
-  // grad of a~ through the up GEMM, then through the activation: dz = s * (g Wu) * act'(z).
+  // grad of a~ through the up GEMM, then through the activation: dz = (g (s Wu)) * act'(z), the
+  // scaling applied by the GEMM (alpha) rather than by a pass over [M, r].
   at::Tensor dz;
   if (!s.banked()) {
-    dz = at::mm(g, s.Wu[0]);
+    dz = mm_scaled(g, s.Wu[0], s.scaling);
   } else {
     const auto Wu_g = gather_bank(s.Wu, s.banks.ids);  // [B, d, r]
-    dz = at::bmm(by_example(g, s.banks), Wu_g).view({M, s.r});
+    dz = bmm_scaled(by_example(g, s.banks), Wu_g, s.scaling).view({M, s.r});
   }
-  activation_backward(dz, z, chain.act, s.scaling);
-  const Normed n = normalize(s, h, chain.eps, /*want_plain=*/true);
+  activation_backward(dz, z, chain.act, 1.0);
+  // A single adapter's layer norm runs forward and backward in ATen with its affine (the affine's
+  // gradients come out of the same pass); a bank needs the normalised h before the affine.
+  const Normed n = normalize(s, h, chain.eps, /*want_plain=*/s.banked());
   if (need_adapter) {
     at::Tensor gU, gWd;
     if (!s.banked()) {
@@ -298,20 +302,25 @@ StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor&
     out.h = ghn;
     return out;
   }
-  // Layer norm: hn = plain * w + b with plain the normalised h. The affine's gradients are per-bank
-  // reductions with float32 accumulation (one row-to-bank map for single and banked adapters).
+  if (!s.banked()) {
+    auto [gh, gw, gb] = at::native_layer_norm_backward(ghn, h, {d}, n.mean, n.rstd, s.ln_w[0], s.ln_b[0],
+                                                       {need_h, need_ln, need_ln});
+    if (need_ln) {
+      out.ln_w = gw.unsqueeze(0);
+      out.ln_b = gb.unsqueeze(0);
+    }
+    out.h = gh;
+    return out;
+  }
+  // Banked layer norm: hn = plain * w[bank] + b[bank] with plain the normalised h. The affine's
+  // gradients are per-bank reductions with float32 accumulation.
   const at::Tensor& plain = n.plain;
   if (need_ln) {
     out.ln_w = ia3_task_reduce(ghn, plain, at::Tensor(), s.banks, false, nullptr).to(ghn.scalar_type());
     out.ln_b = ia3_task_reduce(ghn, at::Tensor(), at::Tensor(), s.banks, false, nullptr).to(ghn.scalar_type());
   }
   if (need_h) {
-    at::Tensor g_plain;
-    if (!s.banked()) {
-      g_plain = ghn * s.ln_w[0];
-    } else {
-      g_plain = (by_example(ghn, s.banks) * gather_bank(s.ln_w, s.banks.ids).unsqueeze(1)).view({M, d});
-    }
+    const auto g_plain = (by_example(ghn, s.banks) * gather_bank(s.ln_w, s.banks.ids).unsqueeze(1)).view({M, d});
     out.h = std::get<0>(at::native_layer_norm_backward(g_plain, h, {d}, n.mean, n.rstd, c10::nullopt, c10::nullopt,
                                                        {true, false, false}));
   }
@@ -384,7 +393,9 @@ bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, con
       continue;
     }
     if (has_res) {
-      if (need_res) grad_res = g.clone().view(x.sizes());
+      // One stage: g is grad_out itself, which an op's output must not alias (the autograd kernel
+      // passes grad_out on as the residual's gradient instead of asking for this copy).
+      if (need_res) grad_res = (n == 1 ? g.clone() : g).view(x.sizes());
       if (need_x) grad_x = sg.h.view(x.sizes());
     } else if (need_x) {
       grad_x = sg.h.add_(g).view(x.sizes());

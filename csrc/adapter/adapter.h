@@ -19,8 +19,9 @@ AdapterActivation parse_adapter_activation(const std::string& name, const char* 
 // z, a_aug contiguous, x's dtype; bias [N, r] contiguous.
 void adapter_down_epilogue_cpu(at::Tensor& z, const at::Tensor& bias, const TaskMap& banks, at::Tensor& a_aug,
                                AdapterActivation act);
-// dz = scale * grad_a * act'(z), written over grad_a ([M, r] contiguous, x's dtype; float32 math,
-// one rounding: the adapter's scaling is applied here rather than as a separate pass).
+// dz = scale * grad_a * act'(z), written over grad_a ([M, r] contiguous, x's dtype). The CUDA kernel
+// does float32 math with one rounding; the CPU runs ATen's vectorised activation backward (and a
+// multiply when scale != 1: the op folds its scaling into the GEMM that makes grad_a and passes 1).
 void adapter_activation_backward_cpu(at::Tensor& grad_a, const at::Tensor& z, AdapterActivation act, float scale);
 #ifdef FASTPEFT_WITH_CUDA
 void adapter_down_epilogue_cuda(at::Tensor& z, const at::Tensor& bias, const TaskMap& banks, at::Tensor& a_aug,

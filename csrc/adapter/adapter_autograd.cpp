@@ -95,6 +95,9 @@ struct BottleneckAdapterFunction : public torch::autograd::Function<BottleneckAd
     const bool need_adapter = any_needed(1, 4 * n);
     const bool need_ln = any_needed(1 + 4 * n, 2 * n_ln);
     const bool need_res = has_res && ctx->needs_input_grad(1 + 4 * n + 2 * n_ln);
+    // One stage adds its branch straight onto the residual: the residual's gradient is grad_out
+    // itself, handed on here rather than copied by the op.
+    const bool res_is_grad_out = n == 1;
 
     // The output no loss reached (or only the non-differentiable `saved` outputs did): zeros.
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(x);
@@ -103,7 +106,7 @@ struct BottleneckAdapterFunction : public torch::autograd::Function<BottleneckAd
     auto [gx, gres, gWd, gbd, gWu, gbu, glw, glb] =
         op.call(grad_out, x, has_res ? OptTensor(res) : OptTensor(), z, Wd, bd, Wu, bu, ln_w, ln_b,
                 d["ids"].toOptionalTensorList(), d["scalings"].toDoubleVector(), d["activation"].toStringRef(),
-                d["eps"].toDouble(), c10::List<bool>({need_x, need_res, need_adapter, need_ln}));
+                d["eps"].toDouble(), c10::List<bool>({need_x, need_res && !res_is_grad_out, need_adapter, need_ln}));
 
     variable_list result;
     result.push_back(need_x ? gx : at::Tensor());
@@ -111,7 +114,7 @@ struct BottleneckAdapterFunction : public torch::autograd::Function<BottleneckAd
       for (size_t i = 0; i < n; ++i) result.push_back(need_adapter ? (*g)[i] : at::Tensor());
     for (const auto* g : {&glw, &glb})
       for (size_t i = 0; i < n_ln; ++i) result.push_back(need_ln ? (*g)[i] : at::Tensor());
-    result.push_back(need_res ? gres : at::Tensor());  // residual (a slot even when absent)
+    result.push_back(need_res ? (res_is_grad_out ? grad_out : gres) : at::Tensor());  // residual (a slot even when absent)
     result.resize(result.size() + 4);                  // adapter_ids, scalings, activation, ln_eps
     return result;
   }
