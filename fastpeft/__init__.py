@@ -14,11 +14,17 @@ from fastpeft import memory  # noqa: E402
 from fastpeft.integrations import FastPeftModel, from_pretrained, get_peft_model, patch, unpatch  # noqa: E402
 from fastpeft.integrations.adapter import BottleneckAdapterConfig  # noqa: E402
 from fastpeft.integrations.sparse import BitFitConfig, FishMaskConfig  # noqa: E402
+from fastpeft.integrations.invertible_adapter import InvertibleAdapterConfig  # noqa: E402
+from fastpeft.integrations.probing import ProbingConfig  # noqa: E402
+from fastpeft.integrations.warp import WarpConfig  # noqa: E402
+from fastpeft import prompting  # noqa: E402
 
 __all__ = [
     "build_info", "ops", "quant", "nn", "optim", "memory",
     "FastPeftModel", "from_pretrained", "get_peft_model", "patch", "unpatch",
     "BottleneckAdapterConfig",
     "BitFitConfig", "FishMaskConfig",
+    "InvertibleAdapterConfig", "ProbingConfig",
+    "WarpConfig", "prompting",
 ]  # fmt: skip
 __version__ = "0.1.0"
