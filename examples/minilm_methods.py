@@ -15,6 +15,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+import minilm_cloze as _cloze
+import minilm_probing as _probing
+
 # BERT's projections: attention q/k/v and output, MLP in and out (all called "dense" or named so).
 LORA_TARGETS = ["query", "key", "value", "dense"]
 
@@ -33,6 +36,9 @@ class Method:
     method_kwargs: Optional[Callable] = None
     optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
     describe: str = ""
+    # task(args) -> how the model, inputs and logits are built (finetune_minilm.Task); None: sequence
+    # classification with a new head. Cloze methods (PET, WARP) set it (minilm_cloze.py).
+    task: Optional[Callable] = None
 
 
 def _lora(args):
@@ -100,6 +106,22 @@ METHODS = {
                        describe="FishMask: the weight entries with the largest Fisher information"),
     # No peer: the adapters library does not run with transformers 5.17.
     "adapter": Method(_adapter, peer=None, describe="Pfeiffer bottleneck adapters after every FFN"),
+    # Cloze methods (minilm_cloze.py): MiniLM loaded as a bare BertModel, label-word / class scores at a
+    # [MASK]; peers score the same model the plain way (full-vocabulary logits / per-example WARP).
+    "pet": Method(_cloze.pet_config, lr=2e-3, task=_cloze.PetTask,
+                  describe="PET / LM-BFF cloze classification, LoRA on the NF4 encoder, label words at [MASK]"),
+    "warp": Method(_cloze.warp_config, peer="plain_warp", quantize=False, lr=3e-2, task=_cloze.WarpTask,
+                   describe="WARP: prompt tokens around the input and [MASK], class embeddings; frozen encoder"),
+    # Probing (minilm_probing.py): frozen MiniLM, linear head on layer 4's mean-pooled output; the peer is the
+    # plain practice (frozen parameters, full forward with output_hidden_states, same head).
+    "probing": Method(_probing.probing_config, peer="frozen_encoder", quantize=False, lr=1e-2,
+                      describe="probing: frozen encoder (no_grad, stopped at layer 4), trained linear head"),
+    # MAD-X: invertible adapter on the embeddings + Pfeiffer language adapters; no LM head on MiniLM, so no
+    # inverse (docs/invertible_adapter.md). No peer: the adapters library does not run with transformers 5.17.
+    # Dense base: on an NF4 base bitsandbytes' matmul_4bit adds its bias in place onto a view of the
+    # (now grad-requiring) embedding output and autograd refuses it; not diagnosed further yet.
+    "madx": Method(_probing.madx_config, peer=None, quantize=False,
+                   describe="MAD-X: NICE invertible adapter on the embeddings + Pfeiffer bottleneck adapters"),
 }
 
 
@@ -122,6 +144,8 @@ def peer_model(method: Method, base: nn.Module, fast_model, config):
             p.requires_grad_(name in mask)
         base._dense_masks = {name: mask[name] for name in mask}
         return base
+    if method.peer == "frozen_encoder":
+        return _probing.probing_peer(base, fast_model, config)
     raise ValueError(f"unknown peer {method.peer!r}")
 
 

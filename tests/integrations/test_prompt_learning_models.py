@@ -1,7 +1,6 @@
 """fastpeft.get_peft_model with peft's PromptTuningConfig, PromptEncoderConfig and PrefixTuningConfig,
 against peft on tiny Llama, Qwen2 (CAUSAL_LM) and BERT (SEQ_CLS) models, dense and NF4."""
 
-import copy
 import warnings
 
 import pytest
@@ -10,9 +9,8 @@ import torch
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-import fastpeft  # noqa: E402
 from tests.integrations.helpers import tiny_model, tiny_model_4bit  # noqa: E402
-from tests.integrations.prompt_helpers import KINDS, P, batch, config, prompt_module, run, twins  # noqa: E402
+from tests.integrations.prompt_helpers import KINDS, batch, config, prompt_module, run, twins  # noqa: E402
 from tests.utils import assert_close  # noqa: E402
 
 ARCHS = ["llama", "qwen2", "bert"]
