@@ -143,7 +143,15 @@ def test_patched_models_train_like_peft_under_fsdp(tmp_path):
         expected[method] = _adapter(reference.named_parameters())
 
     out = str(tmp_path / "results.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    try:
+        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    except mp.ProcessExitedException as exc:
+        # gloo's worker threads occasionally abort a process at teardown ("terminate called without an
+        # active exception", seen once in CI); that is no result of ours: run the workers once more.
+        # A failing assertion in a worker raises ProcessRaisedException and is not retried.
+        if exc.signal_name != "SIGABRT":
+            raise
+        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     results = torch.load(out)
     for case, (weights, reasons) in results.items():
         method = case[1] if case[0] == "fast" else case[0]
