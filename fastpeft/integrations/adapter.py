@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastpeft.integrations.config_checks import check_reduction_factor, is_int
 from fastpeft.integrations.registry import Injection, register_method
 from fastpeft.nn.adapter import BottleneckAdapter
 
@@ -82,12 +83,10 @@ class BottleneckAdapterConfig:
             raise ValueError(f"non_linearity must be one of {NON_LINEARITIES}, got {self.non_linearity!r}")
         if self.init_weights not in INIT_WEIGHTS:
             raise ValueError(f"init_weights must be one of {INIT_WEIGHTS}, got {self.init_weights!r}")
-        if self.bottleneck_size is not None and (not _is_int(self.bottleneck_size) or self.bottleneck_size < 1):
+        if self.bottleneck_size is not None and (not is_int(self.bottleneck_size) or self.bottleneck_size < 1):
             raise ValueError(f"bottleneck_size must be an int >= 1 (or None), got {self.bottleneck_size!r}")
-        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) \
-                or not self.reduction_factor > 0:  # fmt: skip
-            raise ValueError(f"reduction_factor must be a number > 0, got {self.reduction_factor!r}")
-        if not _is_int(self.num_adapters) or self.num_adapters < 1:
+        check_reduction_factor(self.reduction_factor)
+        if not is_int(self.num_adapters) or self.num_adapters < 1:
             raise ValueError(f"num_adapters must be an int >= 1, got {self.num_adapters!r}")
         if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
             raise ValueError(f"scaling must be a number, got {self.scaling!r}")
@@ -109,10 +108,6 @@ class BottleneckAdapterConfig:
     def to_dict(self) -> dict:
         """The JSON-able fields (``peft_type`` included); ``BottleneckAdapterConfig(**to_dict())`` rebuilds it."""
         return dataclasses.asdict(self)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # ---- per-example index ----------------------------------------------------------------------------

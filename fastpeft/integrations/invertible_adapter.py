@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastpeft.integrations.config_checks import check_reduction_factor, is_int
 from fastpeft.integrations.registry import INJECTORS, Injection, register_method
 from fastpeft.nn.invertible_adapter import ACTIVATIONS, KINDS, InvertibleAdapter, check_adapter_ids
 
@@ -48,10 +49,6 @@ PEFT_TYPE = "FASTPEFT_INVERTIBLE_ADAPTER"
 ADAPTER_ATTRIBUTE = "invertible_adapter"
 _HANDLES = "_fastpeft_invertible_handles"
 _SLOT = "_fastpeft_invertible_slot"
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass
@@ -84,14 +81,12 @@ class InvertibleAdapterConfig:
             raise ValueError(f"InvertibleAdapterConfig has peft_type {PEFT_TYPE!r}, got {self.peft_type!r}")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) \
-                or not self.reduction_factor > 0:  # fmt: skip
-            raise ValueError(f"reduction_factor must be a number > 0, got {self.reduction_factor!r}")
+        check_reduction_factor(self.reduction_factor)
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {tuple(ACTIVATIONS)}, got {self.non_linearity!r}")
         if isinstance(self.clamp, bool) or not isinstance(self.clamp, (int, float)) or not self.clamp > 0:
             raise ValueError(f"clamp must be a number > 0, got {self.clamp!r}")
-        if not _is_int(self.num_adapters) or self.num_adapters < 1:
+        if not is_int(self.num_adapters) or self.num_adapters < 1:
             raise ValueError(f"num_adapters must be an int >= 1, got {self.num_adapters!r}")
         if self.inverse_at_head not in (None, True, False):
             raise ValueError(f"inverse_at_head must be True, False or None, got {self.inverse_at_head!r}")

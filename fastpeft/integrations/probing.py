@@ -39,15 +39,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastpeft.integrations.config_checks import is_int
 from fastpeft.integrations.registry import Injection, register_method
 from fastpeft.nn.probing import ACTIVATIONS, HEADS, POOLINGS, ProbingHead, pool
 
 PEFT_TYPE = "FASTPEFT_PROBING"
 HEAD_NAME = "probe_head"
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass
@@ -75,15 +72,15 @@ class ProbingConfig:
     def __post_init__(self):
         if self.peft_type != PEFT_TYPE:
             raise ValueError(f"ProbingConfig has peft_type {PEFT_TYPE!r}, got {self.peft_type!r}")
-        if not _is_int(self.layer):
+        if not is_int(self.layer):
             raise ValueError(f"layer must be an int (a hidden-state index: 0 = embeddings, -1 = last), got {self.layer!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.num_labels is not None and (not _is_int(self.num_labels) or self.num_labels < 1):
+        if self.num_labels is not None and (not is_int(self.num_labels) or self.num_labels < 1):
             raise ValueError(f"num_labels must be an int >= 1 (or None), got {self.num_labels!r}")
-        if self.hidden is not None and (not _is_int(self.hidden) or self.hidden < 1):
+        if self.hidden is not None and (not is_int(self.hidden) or self.hidden < 1):
             raise ValueError(f"hidden must be an int >= 1 (or None), got {self.hidden!r}")
         if self.head == "linear" and self.hidden is not None:
             raise ValueError("hidden is the MLP head's width; a linear head has none (use head='mlp')")
@@ -183,7 +180,7 @@ def _inject(model: nn.Module, config: ProbingConfig) -> Injection:
     num_layers = len(layers) if layers is not None else text_config.num_hidden_layers
     layer = resolve_layer(config.layer, num_layers)
     num_labels = config.num_labels if config.num_labels is not None else getattr(model.config, "num_labels", None)
-    if not _is_int(num_labels) or num_labels < 1:
+    if not is_int(num_labels) or num_labels < 1:
         raise ValueError(f"num_labels: set it in the ProbingConfig ({type(model).__name__}.config has none)")
     d = text_config.hidden_size
     hidden = config.hidden if config.head == "linear" or config.hidden is not None else d
