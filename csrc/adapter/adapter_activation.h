@@ -1,5 +1,6 @@
-// Adapter activations and their derivatives in float32, shared by the CPU and CUDA kernels so both
-// round the same way. gelu is the exact (erf) form, as transformers' "gelu" and torch's default.
+// Adapter activations and their derivatives in float32, for the CUDA kernels (the CPU runs ATen's
+// vectorised activation kernels, adapter_cpu.cpp). gelu is the exact (erf) form, as transformers'
+// "gelu" and torch's default.
 #pragma once
 
 #include <c10/macros/Macros.h>
