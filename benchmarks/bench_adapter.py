@@ -3,7 +3,9 @@ library runs: Linear, activation, Linear, scale, residual add) vs the plain-PyTo
 the bare residual add as the floor.
 
 Cases: one adapter (Pfeiffer / SeqBn placement, relu), one adapter with layer norm (gelu), a bank
-of N adapters with per-example ids, and a MAD-X stack (language then task adapter). Forward (no
+of N adapters with per-example ids, a MAD-X stack (language then task adapter), and adaptable
+adapters: the learnable rational activation (fused into the op; the unfused module evaluates it
+with PyTorch's elementwise ops) alone and with the training-time Gumbel-softmax switch. Forward (no
 grad) and forward+backward; median / p20 / p80 ms and the bytes autograd saves (CPU) or the peak
 memory (CUDA).
 
@@ -23,8 +25,10 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from fastpeft.nn import BottleneckAdapter, BottleneckAdapterStack  # noqa: E402
+from fastpeft.nn import AdaptableAdapter, BottleneckAdapter, BottleneckAdapterStack  # noqa: E402
+from fastpeft.nn.adaptable_adapter import AdaptableAdapterReference  # noqa: E402
 from fastpeft.ops import bottleneck_adapter_reference  # noqa: E402
+from fastpeft.ops.adapter import rational_reference  # noqa: E402
 
 CPU_SHAPES = dict(tokens=2048, seq=128, hidden=768, r=48, bank=8)
 GPU_SHAPES = dict(tokens=16384, seq=512, hidden=4096, r=256, bank=8)
@@ -48,7 +52,11 @@ class UnfusedAdapter(nn.Module):
         self.ln = nn.LayerNorm(d, device=device, dtype=dtype) if ln_before else None
         self.down = nn.Linear(d, r, device=device, dtype=dtype)
         self.up = nn.Linear(r, d, device=device, dtype=dtype)
-        self.act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU()}[act]
+        if act == "rational":  # adaptable adapters: the rational in PyTorch elementwise ops
+            self.coeffs = nn.Parameter(AdaptableAdapter(8, 1, device=device, dtype=dtype).rational_coeffs[0].detach())
+            self.act = lambda z: rational_reference(z, self.coeffs)
+        else:
+            self.act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU()}[act]
         self.scaling = 1.0
 
     def forward(self, x, residual):
@@ -60,6 +68,9 @@ def ours_from(unfused: UnfusedAdapter, act, dtype, device, index=0, layer=None):
     layer = layer or BottleneckAdapter(unfused.down.in_features, unfused.down.out_features, act,
                                        ln_before=unfused.ln is not None, device=device, dtype=dtype)  # fmt: skip
     layer.load_adapter(index, unfused.down, unfused.up, unfused.ln)
+    if act == "rational":
+        with torch.no_grad():
+            layer.rational_coeffs[index].copy_(unfused.coeffs)
     return layer
 
 
@@ -126,6 +137,24 @@ def rows_for(shapes, dtype, device, reps):
     cases.append((f"stack-2x{N}", dict(
         fastpeft=(lambda: stack(x, adapter_ids=[lang_ids, task_ids]), list(stack.parameters())),
         two_calls=(lambda: task(lang(x, adapter_ids=lang_ids), adapter_ids=task_ids), list(stack.parameters())),
+        floor=(lambda: x + h, []),
+    )))  # fmt: skip
+    # Adaptable adapters: the rational activation alone (a decided switch), then with the training
+    # switch (a Gumbel-softmax draw mixing adapter and skip) against the same in plain PyTorch.
+    unfused_rational = UnfusedAdapter(d, r, "rational", False, dtype, device)
+    rational = ours_from(unfused_rational, "rational", dtype, device)
+    cases.append(("rational", dict(
+        fastpeft=(lambda: rational(x, residual=h), list(rational.parameters())),
+        unfused=(lambda: unfused_rational(x, h), list(unfused_rational.parameters())),
+        floor=(lambda: x + h, []),
+    )))  # fmt: skip
+    adaptable = AdaptableAdapter(d, r, device=device, dtype=dtype).train()
+    plain = AdaptableAdapter(d, r, device=device, dtype=dtype).train()
+    plain.load_state_dict(adaptable.state_dict())
+    plain.__class__ = AdaptableAdapterReference
+    cases.append(("adaptable-switch", dict(
+        fastpeft=(lambda: adaptable(x, residual=h), list(adaptable.parameters())),
+        unfused=(lambda: plain(x, residual=h), list(plain.parameters())),
         floor=(lambda: x + h, []),
     )))  # fmt: skip
     for case, providers in cases:

@@ -178,19 +178,21 @@ TORCH_LIBRARY(fastpeft, m) {
   // stage i maps h to h + scaling_i * (act(LN_i(h) Wd_i^T + bd_i) Wu_i^T + bu_i), starting from
   // x with the residual `residual` (None: x). Stage weights are banks: Wd [N, r, d], bd [N, r],
   // Wu [N, d, r], bu [N, d]; adapter_ids[i] [B] picks each example's adapter (None: N = 1).
-  // ln_weight / ln_bias are empty (no layer norm) or one [N, d] bank per stage. `saved` holds per
-  // stage the [M, r] pre-activation and, with layer norm, its [M] mean and rstd (else empty).
+  // ln_weight / ln_bias are empty (no layer norm) or one [N, d] bank per stage; rational_coeffs is
+  // one [N, 10] bank per stage for activation "rational" (adaptable adapters), else empty. `saved`
+  // holds per stage the [M, r] pre-activation. output_mask: x, residual, adapter weights and
+  // biases, layer norm, rational coefficients.
   m.def(
       "bottleneck_adapter(Tensor x, Tensor? residual, Tensor[] down_weight, Tensor[] down_bias, "
-      "Tensor[] up_weight, Tensor[] up_bias, Tensor[] ln_weight, Tensor[] ln_bias, "
+      "Tensor[] up_weight, Tensor[] up_bias, Tensor[] ln_weight, Tensor[] ln_bias, Tensor[] rational_coeffs, "
       "Tensor?[] adapter_ids, float[] scalings, str activation, float ln_eps) -> (Tensor out, Tensor[] saved)");
   m.def(
       "bottleneck_adapter_backward(Tensor grad_out, Tensor x, Tensor? residual, Tensor[] saved, "
       "Tensor[] down_weight, Tensor[] down_bias, Tensor[] up_weight, Tensor[] up_bias, "
-      "Tensor[] ln_weight, Tensor[] ln_bias, Tensor?[] adapter_ids, float[] scalings, str activation, "
-      "float ln_eps, bool[] output_mask) -> (Tensor grad_x, Tensor grad_residual, Tensor[] grad_down_weight, "
-      "Tensor[] grad_down_bias, Tensor[] grad_up_weight, Tensor[] grad_up_bias, Tensor[] grad_ln_weight, "
-      "Tensor[] grad_ln_bias)");
+      "Tensor[] ln_weight, Tensor[] ln_bias, Tensor[] rational_coeffs, Tensor?[] adapter_ids, float[] scalings, "
+      "str activation, float ln_eps, bool[] output_mask) -> (Tensor grad_x, Tensor grad_residual, "
+      "Tensor[] grad_down_weight, Tensor[] grad_down_bias, Tensor[] grad_up_weight, Tensor[] grad_up_bias, "
+      "Tensor[] grad_ln_weight, Tensor[] grad_ln_bias, Tensor[] grad_rational_coeffs)");
 }
 
 namespace {

@@ -268,6 +268,12 @@ def main(argv=None):
         results[key] = dict(accuracy_after=acc, final_loss=run.losses[-1], losses=run.losses, **speed)
         print(f"{run.name}: test accuracy {acc_before:.1%} -> {acc:.1%}, {speed['tokens_per_s']:.0f} tokens/s, "
               f"median step {speed['median_step_ms']:.1f} ms")  # fmt: skip
+    if method.after_training is not None:
+        extra = method.after_training(model)
+        results.update(extra)
+        acc_final = accuracy(model, test_data, tokenizer, device, task, task.logits)
+        results["fastpeft"]["accuracy_after_finish"] = acc_final
+        print(f"after training: {extra}; fastpeft test accuracy then {acc_final:.1%}")
     losses, acc_after = runs[0].losses, results["fastpeft"]["accuracy_after"]
     if peer is not None:
         other = results["peft" if method.peer == "peft" else method.peer]

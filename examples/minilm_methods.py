@@ -39,6 +39,8 @@ class Method:
     # task(args) -> how the model, inputs and logits are built (finetune_minilm.Task); None: sequence
     # classification with a new head. Cloze methods (PET, WARP) set it (minilm_cloze.py).
     task: Optional[Callable] = None
+    # after_training(model) -> dict of extra results (adaptable adapters: prune and report the kept layers).
+    after_training: Optional[Callable] = None
 
 
 def _lora(args):
@@ -76,6 +78,20 @@ def _adapter(args):
                                             modules_to_save=["classifier"], task_type="SEQ_CLS")  # fmt: skip
 
 
+def _adaptable(args):
+    import fastpeft
+
+    # Pfeiffer placement as "adapter", with the rational activation (from leaky ReLU) and the switches.
+    return fastpeft.AdaptableAdapterConfig(reduction_factor=16, placement="pfeiffer", modules_to_save=["classifier"],
+                                           task_type="SEQ_CLS")  # fmt: skip
+
+
+def _prune_adaptable(model) -> dict:
+    import fastpeft
+
+    return {"pruned": fastpeft.prune_adaptable_adapters(model)}
+
+
 def _bitfit(args):
     import fastpeft
 
@@ -106,6 +122,11 @@ METHODS = {
                        describe="FishMask: the weight entries with the largest Fisher information"),
     # No peer: the adapters library does not run with transformers 5.17.
     "adapter": Method(_adapter, peer=None, describe="Pfeiffer bottleneck adapters after every FFN"),
+    # Peer: the same model with every adapter layer run as the plain-PyTorch reference (rational in
+    # elementwise ops, switch mix by torch.lerp), from the same weights and the same Gumbel draws.
+    "adaptable": Method(_adaptable, peer="plain_adaptable", after_training=_prune_adaptable,
+                        describe="adaptable adapters: Pfeiffer adapters with rational activations and "
+                                 "Gumbel-softmax layer switches, pruned after training"),
     # Cloze methods (minilm_cloze.py): MiniLM loaded as a bare BertModel, label-word / class scores at a
     # [MASK]; peers score the same model the plain way (full-vocabulary logits / per-example WARP).
     "pet": Method(_cloze.pet_config, lr=2e-3, task=_cloze.PetTask,
@@ -144,6 +165,20 @@ def peer_model(method: Method, base: nn.Module, fast_model, config):
             p.requires_grad_(name in mask)
         base._dense_masks = {name: mask[name] for name in mask}
         return base
+    if method.peer == "plain_adaptable":
+        import fastpeft
+        from fastpeft.integrations.adaptable_adapter import adaptable_adapters
+        from fastpeft.nn.adaptable_adapter import AdaptableAdapterReference
+
+        peer = fastpeft.get_peft_model(base, copy.deepcopy(config))
+        fast_params = dict(fast_model.named_parameters())
+        with torch.no_grad():  # the trained tensors (adapters, switches, classifier); the base is a copy
+            for name, p in peer.named_parameters():
+                if p.requires_grad:
+                    p.copy_(fast_params[name])
+        for _, a in adaptable_adapters(peer):
+            a.__class__ = AdaptableAdapterReference
+        return peer
     if method.peer == "frozen_encoder":
         return _probing.probing_peer(base, fast_model, config)
     raise ValueError(f"unknown peer {method.peer!r}")

@@ -13,6 +13,7 @@ from fastpeft import optim  # noqa: E402
 from fastpeft import memory  # noqa: E402
 from fastpeft.integrations import FastPeftModel, from_pretrained, get_peft_model, patch, unpatch  # noqa: E402
 from fastpeft.integrations.adapter import BottleneckAdapterConfig  # noqa: E402
+from fastpeft.integrations.adaptable_adapter import AdaptableAdapterConfig, prune as prune_adaptable_adapters  # noqa: E402
 from fastpeft.integrations.sparse import BitFitConfig, FishMaskConfig  # noqa: E402
 from fastpeft.integrations.invertible_adapter import InvertibleAdapterConfig  # noqa: E402
 from fastpeft.integrations.probing import ProbingConfig  # noqa: E402
@@ -22,7 +23,7 @@ from fastpeft import prompting  # noqa: E402
 __all__ = [
     "build_info", "ops", "quant", "nn", "optim", "memory",
     "FastPeftModel", "from_pretrained", "get_peft_model", "patch", "unpatch",
-    "BottleneckAdapterConfig",
+    "BottleneckAdapterConfig", "AdaptableAdapterConfig", "prune_adaptable_adapters",
     "BitFitConfig", "FishMaskConfig",
     "InvertibleAdapterConfig", "ProbingConfig",
     "WarpConfig", "prompting",

@@ -9,6 +9,10 @@
 // later stages are recomputed (GEMMs with the small r, and one layer norm: for a single adapter
 // ATen's affine layer norm forward and backward, whose backward also gives the affine's gradients).
 //
+// Rational activation (adaptable adapters, adapter/adapter_rational.h): the epilogue evaluates each
+// example's adapter's R(z); backward returns dz and the [M, 10] per-row coefficient gradients,
+// summed per bank here with ATen's deterministic reductions.
+//
 // Banks: with adapter_ids, example b uses entry ids[b] of each bank. The GEMMs then run batched
 // over examples (bmm against the gathered [B, r, d] / [B, d, r] weights) and the weight gradients
 // of the examples that share an entry are summed by a GEMM with the one-hot assignment.
@@ -16,6 +20,7 @@
 #include <torch/library.h>
 
 #include "adapter/adapter.h"
+#include "adapter/adapter_rational.h"
 #include "common/checks.h"
 #include "ia3/ia3.h"  // ia3_task_reduce: the per-bank-entry reduction of the bias and layer-norm grads
 
@@ -25,30 +30,57 @@ AdapterActivation parse_adapter_activation(const std::string& name, const char* 
   if (name == "relu") return AdapterActivation::ReLU;
   if (name == "gelu") return AdapterActivation::GELU;
   if (name == "silu" || name == "swish") return AdapterActivation::SiLU;
-  TORCH_CHECK(false, op, ": activation must be 'relu', 'gelu' or 'silu' (alias 'swish'), got '", name, "'");
+  if (name == "rational") return AdapterActivation::Rational;
+  TORCH_CHECK(false, op, ": activation must be 'relu', 'gelu', 'silu' (alias 'swish') or 'rational', got '", name,
+              "'");
 }
 
 namespace {
 
 constexpr const char* kOp = "fastpeft.bottleneck_adapter";
 
+// coeffs: the stage's rational coefficients [N, 10] (act == Rational), else undefined.
 void down_epilogue(at::Tensor& z, const at::Tensor& bias, const TaskMap& banks, at::Tensor& a_aug,
-                   AdapterActivation act) {
+                   AdapterActivation act, const at::Tensor& coeffs) {
   if (z.numel() == 0 && a_aug.numel() == 0) return;
 #ifdef FASTPEFT_WITH_CUDA
-  if (z.is_cuda()) return adapter_down_epilogue_cuda(z, bias, banks, a_aug, act);
+  if (z.is_cuda()) return adapter_down_epilogue_cuda(z, bias, banks, a_aug, act, coeffs);
 #endif
   TORCH_CHECK(z.device().is_cpu(), "fastpeft bottleneck adapter: no kernel for device ", z.device());
-  adapter_down_epilogue_cpu(z, bias, banks, a_aug, act);
+  if (act != AdapterActivation::Rational) return adapter_down_epilogue_cpu(z, bias, banks, a_aug, act);
+  // The bias add and the ones column as for the other activations (the ReLU written into a~ is
+  // then overwritten by R(z): one extra pass over [M, r], far below the rational's own cost).
+  adapter_down_epilogue_cpu(z, bias, banks, a_aug, AdapterActivation::ReLU);
+  adapter_rational_forward_cpu(z, coeffs, banks, a_aug.narrow(1, 0, z.size(1)));
 }
 
-void activation_backward(at::Tensor& grad_a, const at::Tensor& z, AdapterActivation act, double scale) {
-  if (z.numel() == 0) return;
+// dz = grad_a * act'(z) in place. For the rational activation also returns the coefficient
+// gradients [N, 10] in coeffs' dtype (else an undefined tensor).
+at::Tensor activation_backward(at::Tensor& grad_a, const at::Tensor& z, AdapterActivation act,
+                               const at::Tensor& coeffs, const TaskMap& banks) {
+  if (act != AdapterActivation::Rational) {
+    if (z.numel() == 0) return at::Tensor();
 #ifdef FASTPEFT_WITH_CUDA
-  if (z.is_cuda()) return adapter_activation_backward_cuda(grad_a, z, act, static_cast<float>(scale));
+    if (z.is_cuda()) return adapter_activation_backward_cuda(grad_a, z, act, 1.0f), at::Tensor();
 #endif
-  TORCH_CHECK(z.device().is_cpu(), "fastpeft bottleneck adapter: no kernel for device ", z.device());
-  adapter_activation_backward_cpu(grad_a, z, act, static_cast<float>(scale));
+    TORCH_CHECK(z.device().is_cpu(), "fastpeft bottleneck adapter: no kernel for device ", z.device());
+    return adapter_activation_backward_cpu(grad_a, z, act, 1.0f), at::Tensor();
+  }
+  at::Tensor row_grads;  // [M, 10] float32
+#ifdef FASTPEFT_WITH_CUDA
+  if (z.is_cuda()) row_grads = adapter_rational_backward_cuda(grad_a, z, coeffs, banks);
+#endif
+  if (!row_grads.defined()) {
+    TORCH_CHECK(z.device().is_cpu(), "fastpeft bottleneck adapter: no kernel for device ", z.device());
+    row_grads = adapter_rational_backward_cpu(grad_a, z, coeffs, banks);
+  }
+  if (banks.single()) return row_grads.sum(0, /*keepdim=*/true).to(coeffs.scalar_type());
+  // Rows -> examples (each example's rows are consecutive), then examples -> bank entries with one
+  // GEMM against the one-hot assignment: fixed-order sums, no atomics.
+  const auto per_example = row_grads.view({banks.num_examples, banks.rows_per_example, row_grads.size(1)}).sum(1);
+  const auto entries = at::arange(coeffs.size(0), banks.ids.options()).unsqueeze(1);
+  const auto onehot = entries.eq(banks.ids.unsqueeze(0)).to(per_example.scalar_type());
+  return at::mm(onehot, per_example).to(coeffs.scalar_type());
 }
 
 // alpha * a @ b rounded once (beta = 0: the output's old values are ignored, NaNs included).
@@ -66,6 +98,7 @@ int64_t padded_rank(int64_t r) { return (r + 1 + 7) / 8 * 8; }
 
 struct Stage {
   at::Tensor Wd, bd, Wu, bu, ln_w, ln_b;  // banks [N, ...]; ln_* undefined without layer norm
+  at::Tensor coeffs;                      // rational activation [N, 10]; undefined for the others
   TaskMap banks;
   double scaling = 1.0;
   int64_t r = 0;
@@ -81,8 +114,9 @@ struct Chain {
 };
 
 Chain make_chain(const at::Tensor& x, at::TensorList Wd, at::TensorList bd, at::TensorList Wu, at::TensorList bu,
-                 at::TensorList ln_w, at::TensorList ln_b, const c10::List<c10::optional<at::Tensor>>& ids,
-                 at::ArrayRef<double> scalings, c10::string_view activation, double eps, const char* op) {
+                 at::TensorList ln_w, at::TensorList ln_b, at::TensorList coeffs,
+                 const c10::List<c10::optional<at::Tensor>>& ids, at::ArrayRef<double> scalings,
+                 c10::string_view activation, double eps, const char* op) {
   check_float(x, op, "x");
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension [..., hidden]");
   const size_t n = Wd.size();
@@ -96,6 +130,10 @@ Chain make_chain(const at::Tensor& x, at::TensorList Wd, at::TensorList bd, at::
   TORCH_CHECK(eps > 0.0, op, ": ln_eps must be positive, got ", eps);
   Chain chain;
   chain.act = parse_adapter_activation(std::string(activation), op);
+  const bool rational = chain.act == AdapterActivation::Rational;
+  TORCH_CHECK(rational ? coeffs.size() == n : coeffs.empty(), op, ": rational_coeffs must hold one [num_adapters, ",
+              kRationalCoeffs, "] bank per stage for activation 'rational' and be empty otherwise; got ",
+              coeffs.size(), " for ", n, " stages and activation '", std::string(activation), "'");
   chain.eps = eps;
   chain.d = x.size(-1);
   const int64_t d = chain.d;
@@ -128,6 +166,10 @@ Chain make_chain(const at::Tensor& x, at::TensorList Wd, at::TensorList bd, at::
       check_bank(ln_b[i], "ln_bias", {d}, N);
       s.ln_w = ln_w[i].contiguous();
       s.ln_b = ln_b[i].contiguous();
+    }
+    if (rational) {
+      check_bank(coeffs[i], "rational_coeffs", {kRationalCoeffs}, N);
+      s.coeffs = coeffs[i].contiguous();
     }
     const std::string ids_name = "adapter_ids" + idx;
     const std::string bank_name = "down_weight" + idx;
@@ -201,7 +243,7 @@ std::pair<at::Tensor, at::Tensor> down_project(const Stage& s, const at::Tensor&
     bias_for_epilogue = s.bd;
   }
   auto a_aug = at::empty({M, padded_rank(s.r)}, hn.options());
-  down_epilogue(z, bias_for_epilogue, s.banks, a_aug, act);
+  down_epilogue(z, bias_for_epilogue, s.banks, a_aug, act, s.coeffs);
   return {z, a_aug};
 }
 
@@ -216,10 +258,10 @@ at::Tensor up_project(const Stage& s, const at::Tensor& a_aug, const at::Tensor&
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> bottleneck_adapter(
     const at::Tensor& x, const c10::optional<at::Tensor>& residual, at::TensorList Wd, at::TensorList bd,
-    at::TensorList Wu, at::TensorList bu, at::TensorList ln_w, at::TensorList ln_b,
+    at::TensorList Wu, at::TensorList bu, at::TensorList ln_w, at::TensorList ln_b, at::TensorList coeffs,
     const c10::List<c10::optional<at::Tensor>>& ids, at::ArrayRef<double> scalings, c10::string_view activation,
     double eps) {
-  const auto chain = make_chain(x, Wd, bd, Wu, bu, ln_w, ln_b, ids, scalings, activation, eps, kOp);
+  const auto chain = make_chain(x, Wd, bd, Wu, bu, ln_w, ln_b, coeffs, ids, scalings, activation, eps, kOp);
   const int64_t d = chain.d;
   const auto x2 = x.reshape({-1, d}).contiguous();
   at::Tensor res = x2;
@@ -255,15 +297,16 @@ at::Tensor sum_per_bank(const at::Tensor& per_example, const Stage& s) {
 struct StageGrads {
   at::Tensor h;  // through the adapter branch only (the residual's share is g itself)
   at::Tensor Wd, bd, Wu, bu, ln_w, ln_b;
+  at::Tensor coeffs;  // rational activation only
 };
 
 StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor& h, const at::Tensor& z,
-                          const Chain& chain, bool need_h, bool need_adapter, bool need_ln) {
+                          const Chain& chain, bool need_h, bool need_adapter, bool need_ln, bool need_coeffs) {
   StageGrads out;
   const int64_t M = h.size(0), d = chain.d, r_pad = padded_rank(s.r);
   auto a_aug = at::empty({M, r_pad}, h.options());
   auto z_copy = z;  // epilogue without bias only reads z
-  down_epilogue(z_copy, at::Tensor(), s.banks, a_aug, chain.act);
+  down_epilogue(z_copy, at::Tensor(), s.banks, a_aug, chain.act, s.coeffs);
   // grad of a~ through the up GEMM, then through the activation: dz = (g (s Wu)) * act'(z), the
   // scaling applied by the GEMM (alpha) rather than by a pass over [M, r].
   at::Tensor dz;
@@ -273,7 +316,8 @@ StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor&
     const auto Wu_g = gather_bank(s.Wu, s.banks.ids);  // [B, d, r]
     dz = bmm_scaled(by_example(g, s.banks), Wu_g, s.scaling).view({M, s.r});
   }
-  activation_backward(dz, z, chain.act, 1.0);
+  auto g_coeffs = activation_backward(dz, z, chain.act, s.coeffs, s.banks);
+  if (need_coeffs) out.coeffs = g_coeffs;
   // A single adapter's layer norm runs forward and backward in ATen with its affine (the affine's
   // gradients come out of the same pass); a bank needs the normalised h before the affine.
   const Normed n = normalize(s, h, chain.eps, /*want_plain=*/s.banked());
@@ -327,17 +371,18 @@ StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor&
   return out;
 }
 
-// output_mask: [x, residual, adapter weights and biases, layer-norm weights and biases].
+// output_mask: [x, residual, adapter weights and biases, layer-norm weights and biases, rational
+// coefficients].
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                             at::TensorList saved, at::TensorList Wd, at::TensorList bd, at::TensorList Wu,
-                            at::TensorList bu, at::TensorList ln_w, at::TensorList ln_b,
+                            at::TensorList bu, at::TensorList ln_w, at::TensorList ln_b, at::TensorList coeffs,
                             const c10::List<c10::optional<at::Tensor>>& ids, at::ArrayRef<double> scalings,
                             c10::string_view activation, double eps, const c10::List<bool>& output_mask) {
   constexpr const char* op = "fastpeft.bottleneck_adapter_backward";
-  const auto chain = make_chain(x, Wd, bd, Wu, bu, ln_w, ln_b, ids, scalings, activation, eps, op);
-  TORCH_CHECK(output_mask.size() == 4, op, ": output_mask must have 4 entries, got ", output_mask.size());
+  const auto chain = make_chain(x, Wd, bd, Wu, bu, ln_w, ln_b, coeffs, ids, scalings, activation, eps, op);
+  TORCH_CHECK(output_mask.size() == 5, op, ": output_mask must have 5 entries, got ", output_mask.size());
   const size_t n = chain.stages.size();
   TORCH_CHECK(saved.size() == n, op, ": saved must hold one [M, r] tensor per stage, got ", saved.size());
   const int64_t d = chain.d;
@@ -354,6 +399,7 @@ bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, con
   const bool need_x = output_mask[0], need_res = output_mask[1] && has_res;
   const bool need_adapter = output_mask[2];
   const bool need_ln = output_mask[3] && chain.stages[0].ln_w.defined();
+  const bool need_coeffs = output_mask[4] && chain.act == AdapterActivation::Rational;
 
   // Inputs of every stage: x, then each stage's output, recomputed from the saved z (one GEMM each).
   std::vector<at::Tensor> inputs{x2};
@@ -362,22 +408,25 @@ bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     const auto& s = chain.stages[i];
     auto a_aug = at::empty({M, padded_rank(s.r)}, x2.options());
     auto z = saved[i].contiguous();
-    down_epilogue(z, at::Tensor(), s.banks, a_aug, chain.act);
+    down_epilogue(z, at::Tensor(), s.banks, a_aug, chain.act, s.coeffs);
     res = up_project(s, a_aug, res);
     inputs.push_back(res);
   }
 
-  std::vector<at::Tensor> gWd(n), gbd(n), gWu(n), gbu(n), gln_w, gln_b;
+  std::vector<at::Tensor> gWd(n), gbd(n), gWu(n), gbu(n), gln_w, gln_b, gcoeffs;
   if (need_ln) {
     gln_w.resize(n);
     gln_b.resize(n);
   }
+  if (need_coeffs) gcoeffs.resize(n);
   at::Tensor g = grad_out.reshape({-1, d}).contiguous();
   at::Tensor grad_x, grad_res;
   for (size_t k = n; k-- > 0;) {
     const bool first = k == 0;
     const bool need_h = first ? need_x : true;
-    auto sg = stage_backward(chain.stages[k], g, inputs[k], saved[k].contiguous(), chain, need_h, need_adapter, need_ln);
+    auto sg = stage_backward(chain.stages[k], g, inputs[k], saved[k].contiguous(), chain, need_h, need_adapter, need_ln,
+                             need_coeffs);
+    if (need_coeffs) gcoeffs[k] = sg.coeffs;
     if (need_adapter) {
       gWd[k] = sg.Wd;
       gbd[k] = sg.bd;
@@ -404,7 +453,7 @@ bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, con
   if (!grad_x.defined()) grad_x = at::empty({0}, x.options());
   if (!grad_res.defined()) grad_res = at::empty({0}, x.options());
   if (!need_adapter) gWd.clear(), gbd.clear(), gWu.clear(), gbu.clear();
-  return {grad_x, grad_res, gWd, gbd, gWu, gbu, gln_w, gln_b};
+  return {grad_x, grad_res, gWd, gbd, gWu, gbu, gln_w, gln_b, gcoeffs};
 }
 
 }  // namespace

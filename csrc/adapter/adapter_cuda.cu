@@ -1,6 +1,7 @@
 // CUDA kernels of the bottleneck adapter: the down-projection epilogue (bias + activation, and the
 // ones column that lets the up GEMM add its bias) and the activation backward. Both touch only the
-// r-wide tensors; the d-wide work is in the GEMMs.
+// r-wide tensors; the d-wide work is in the GEMMs. The rational activation's backward, which also
+// reduces the coefficient gradients, is in adapter_rational_cuda.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -8,6 +9,7 @@
 
 #include "adapter/adapter.h"
 #include "adapter/adapter_activation.h"
+#include "adapter/adapter_rational.h"
 
 namespace fastpeft {
 namespace {
@@ -18,7 +20,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 down_epilogue_kernel(T* z, const T* __restrict__ bias, const int64_t* __restrict__ ids, int64_t rows_per_example,
                      int64_t num_banks, T* __restrict__ a_aug, int64_t M, int64_t r, int64_t r_pad,
-                     AdapterActivation act) {
+                     AdapterActivation act, const T* __restrict__ coeffs) {
   const int64_t total = M * r_pad;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = i / r_pad;
@@ -26,17 +28,24 @@ down_epilogue_kernel(T* z, const T* __restrict__ bias, const int64_t* __restrict
     T out;
     if (k < r) {
       float v = static_cast<float>(z[m * r + k]);
+      int64_t bank = 0;
+      if (ids && (bias || coeffs)) {
+        bank = ids[m / rows_per_example];
+        CUDA_KERNEL_ASSERT(bank >= 0 && bank < num_banks && "fastpeft bottleneck_adapter: adapter_ids out of range");
+      }
       if (bias) {
-        int64_t bank = 0;
-        if (ids) {
-          bank = ids[m / rows_per_example];
-          CUDA_KERNEL_ASSERT(bank >= 0 && bank < num_banks && "fastpeft bottleneck_adapter: adapter_ids out of range");
-        }
         const T zb = static_cast<T>(v + static_cast<float>(bias[bank * r + k]));
         z[m * r + k] = zb;
         v = static_cast<float>(zb);
       }
-      out = static_cast<T>(adapter_act(v, act));
+      if (coeffs) {  // rational: this adapter's 10 coefficients (L1-resident: every row of a bank reads them)
+        float c[kRationalCoeffs];
+#pragma unroll
+        for (int j = 0; j < kRationalCoeffs; ++j) c[j] = static_cast<float>(coeffs[bank * kRationalCoeffs + j]);
+        out = static_cast<T>(rational_value<float>(v, c));
+      } else {
+        out = static_cast<T>(adapter_act(v, act));
+      }
     } else {
       out = static_cast<T>(k == r ? 1.0f : 0.0f);
     }
@@ -59,13 +68,14 @@ int64_t grid_for(int64_t work) {
 }  // namespace
 
 void adapter_down_epilogue_cuda(at::Tensor& z, const at::Tensor& bias, const TaskMap& banks, at::Tensor& a_aug,
-                                AdapterActivation act) {
+                                AdapterActivation act, const at::Tensor& coeffs) {
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t M = z.size(0), r = z.size(1), r_pad = a_aug.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "adapter_down_epilogue_cuda", [&] {
     down_epilogue_kernel<scalar_t><<<grid_for(M * r_pad), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         z.data_ptr<scalar_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, banks.ids_ptr(),
-        banks.rows_per_example, banks.num_tasks, a_aug.data_ptr<scalar_t>(), M, r, r_pad, act);
+        banks.rows_per_example, banks.num_tasks, a_aug.data_ptr<scalar_t>(), M, r, r_pad, act,
+        coeffs.defined() ? coeffs.data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -74,13 +74,17 @@ class BottleneckAdapterConfig:
     num_adapters: int = 1
     peft_type: str = PEFT_TYPE
 
+    # What a subclass (AdaptableAdapterConfig) changes: its peft_type and the activations it takes.
+    _PEFT_TYPE: ClassVar[str] = PEFT_TYPE
+    _NON_LINEARITIES: ClassVar[tuple] = NON_LINEARITIES
+
     def __post_init__(self):
-        if self.peft_type != PEFT_TYPE:
-            raise ValueError(f"BottleneckAdapterConfig has peft_type {PEFT_TYPE!r}, got {self.peft_type!r}")
+        if self.peft_type != self._PEFT_TYPE:
+            raise ValueError(f"{type(self).__name__} has peft_type {self._PEFT_TYPE!r}, got {self.peft_type!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.non_linearity not in NON_LINEARITIES:
-            raise ValueError(f"non_linearity must be one of {NON_LINEARITIES}, got {self.non_linearity!r}")
+        if self.non_linearity not in self._NON_LINEARITIES:
+            raise ValueError(f"non_linearity must be one of {self._NON_LINEARITIES}, got {self.non_linearity!r}")
         if self.init_weights not in INIT_WEIGHTS:
             raise ValueError(f"init_weights must be one of {INIT_WEIGHTS}, got {self.init_weights!r}")
         if self.bottleneck_size is not None and (not is_int(self.bottleneck_size) or self.bottleneck_size < 1):
@@ -108,6 +112,16 @@ class BottleneckAdapterConfig:
     def to_dict(self) -> dict:
         """The JSON-able fields (``peft_type`` included); ``BottleneckAdapterConfig(**to_dict())`` rebuilds it."""
         return dataclasses.asdict(self)
+
+    def select_sites(self, sites: list) -> list:
+        """The sites (``find_sites`` entries) that get an adapter: all of them."""
+        return sites
+
+    def make_adapter(self, hidden: int, r: int, device, dtype) -> BottleneckAdapter:
+        """The adapter module of one site."""
+        return BottleneckAdapter(hidden, r, activation=self.non_linearity, ln_before=self.adapter_layer_norm,
+                                 scaling=self.scaling, num_adapters=self.num_adapters,
+                                 init_weights=self.init_weights, device=device, dtype=dtype)  # fmt: skip
 
 
 # ---- per-example index ----------------------------------------------------------------------------
@@ -247,14 +261,12 @@ def inject_adapters(model: nn.Module, config: BottleneckAdapterConfig) -> list:
     if not isinstance(config, BottleneckAdapterConfig):
         raise TypeError(f"expected a BottleneckAdapterConfig, got {type(config).__name__}")
     config.__post_init__()  # fields may have been changed after construction
-    sites = find_sites(model, config.placement)
+    sites = config.select_sites(find_sites(model, config.placement))
     hidden, dtype, device = _model_layout(model)
     r = config.width(hidden)
     slot = _IndexSlot(config.num_adapters)
-    for _, module, kind, ln_before in sites:
-        adapter = BottleneckAdapter(hidden, r, activation=config.non_linearity, ln_before=config.adapter_layer_norm,
-                                    scaling=config.scaling, num_adapters=config.num_adapters,
-                                    init_weights=config.init_weights, device=device, dtype=dtype)  # fmt: skip
+    adapters = [config.make_adapter(hidden, r, device, dtype) for _ in sites]
+    for (_, module, kind, ln_before), adapter in zip(sites, adapters):
         module.add_module(ADAPTER_ATTRIBUTE, adapter)
         setattr(module, _SLOT, slot)
         setattr(module, _LN_BEFORE, ln_before)
@@ -268,13 +280,18 @@ def _adapted_modules(model: nn.Module) -> list:
     return [(n, m) for n, m in model.named_modules() if hasattr(type(m), "_fastpeft_base_class")]
 
 
+def remove_adapter(module: nn.Module) -> None:
+    """Take the adapter out of one adapted module and restore its class."""
+    delattr(module, ADAPTER_ATTRIBUTE)
+    delattr(module, _SLOT)
+    delattr(module, _LN_BEFORE)
+    module.__class__ = type(module)._fastpeft_base_class
+
+
 def unload_adapters(model: nn.Module) -> nn.Module:
     """Remove every bottleneck adapter and restore the original module classes; returns ``model``."""
     for _, module in _adapted_modules(model):
-        delattr(module, ADAPTER_ATTRIBUTE)
-        delattr(module, _SLOT)
-        delattr(module, _LN_BEFORE)
-        module.__class__ = type(module)._fastpeft_base_class
+        remove_adapter(module)
     model.__dict__.pop(_SLOT, None)
     return model
 
@@ -313,7 +330,8 @@ def _merge_unsupported():
                               "is nonlinear; use unload() to drop them, or keep the FastPeftModel")  # fmt: skip
 
 
-def _inject(model: nn.Module, config: BottleneckAdapterConfig) -> Injection:
+def inject(model: nn.Module, config: BottleneckAdapterConfig) -> Injection:
+    """The injector of bottleneck adapters (and of subclasses' configs: adaptable adapters)."""
     inject_adapters(model, config)
 
     def forward(inner: nn.Module, *args, adapter_index=None, **kwargs):
@@ -330,4 +348,4 @@ def _inject(model: nn.Module, config: BottleneckAdapterConfig) -> Injection:
     )
 
 
-register_method(PEFT_TYPE, _inject, BottleneckAdapterConfig)
+register_method(PEFT_TYPE, inject, BottleneckAdapterConfig)

@@ -26,6 +26,7 @@ from fastpeft.integrations import ia3 as _ia3  # noqa: F401  (registers the meth
 from fastpeft.integrations import sparse as _sparse  # noqa: F401  (registers BitFit and FishMask)
 from fastpeft.integrations import prompt_learning as _prompt_learning  # noqa: F401  (registers the methods)
 from fastpeft.integrations.registry import INJECTORS, Injection, peft_type_of
+from fastpeft.nn.base import keep_standard_4bit_layout
 
 
 def _modules_to_save(model: nn.Module, targets) -> list:
@@ -495,6 +496,11 @@ def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default",
         for n, p in model.named_parameters():  # injectors validate before changing modules
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
         raise
+    # Every 4-bit base keeps bitsandbytes' standard layout: its AVX512-BF16 CPU repack (done on the
+    # first eval forward) is lossy and breaks training afterwards (its packed forward adds the bias
+    # in place on an autograd output), also for the bases fastpeft does not wrap (adapters, prompts).
+    for module in model.modules():
+        keep_standard_4bit_layout(module)
     modules_to_save = _modules_to_save(model, getattr(config, "modules_to_save", None))
     injection.parameter_names = list(injection.parameter_names) + modules_to_save
     if not autocast_adapter_dtype:

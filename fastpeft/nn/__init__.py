@@ -1,5 +1,6 @@
 """Drop-in nn.Modules built on fastpeft ops."""
 
+from fastpeft.nn.adaptable_adapter import AdaptableAdapter
 from fastpeft.nn.adapter import BottleneckAdapter, BottleneckAdapterStack
 from fastpeft.nn.ia3 import IA3Linear
 from fastpeft.nn.invertible_adapter import InvertibleAdapter
@@ -15,5 +16,5 @@ from fastpeft.nn.trainable_tokens import TrainableTokensEmbedding
 __all__ = [
     "BottleneckAdapter", "BottleneckAdapterStack", "IA3Linear", "LoRAEmbedding", "LoRALinear", "LoRAProjectionGroup",
     "MultiLoRALinear", "PrefixEncoder", "PromptEncoder", "SoftPrompt", "SparseDeltaLinear", "TrainableTokensEmbedding",
-    "InvertibleAdapter", "ProbingHead",
+    "InvertibleAdapter", "ProbingHead", "AdaptableAdapter",
 ]  # fmt: skip

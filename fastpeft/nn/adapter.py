@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fastpeft.ops.adapter import ACTIVATIONS, bottleneck_adapter
+from fastpeft.nn.rational import RATIONAL_INITS, fit_rational
+from fastpeft.ops.adapter import ACTIVATIONS, RATIONAL_COEFFS, bottleneck_adapter
 
 
 class BottleneckAdapter(nn.Module):
@@ -16,7 +17,9 @@ class BottleneckAdapter(nn.Module):
     ``res`` is ``residual`` when given (the ``adapters`` library's SeqBn placement passes the
     sub-layer output there and the layer-normed sum as ``x``), else ``x`` (Houlsby's
     ``h + f(h)``). ``bottleneck_size`` is r (``hidden_size // reduction_factor`` in the adapters
-    library); ``activation`` relu, gelu or silu/swish; ``ln_before`` adds a trainable layer norm on
+    library); ``activation`` relu, gelu, silu/swish or rational (a learnable rational activation,
+    adaptable adapters: a ``rational_coeffs`` [N, 10] parameter initialised to approximate
+    ``rational_init``, see ``fastpeft.nn.rational``); ``ln_before`` adds a trainable layer norm on
     the adapter input; ``scaling`` is a constant factor.
 
     ``num_adapters=N`` holds a bank of N adapters: ``adapter_ids`` [B] picks each example's
@@ -43,6 +46,7 @@ class BottleneckAdapter(nn.Module):
         ln_eps: float = 1e-5,
         device=None,
         dtype: Optional[torch.dtype] = None,
+        rational_init: str = "leaky_relu",
     ):
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("bottleneck_size", bottleneck_size), ("num_adapters", num_adapters)):
@@ -52,6 +56,9 @@ class BottleneckAdapter(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if init_weights not in ("bert", "zero_up"):
             raise ValueError(f"init_weights must be 'bert' or 'zero_up', got {init_weights!r}")
+        if rational_init not in RATIONAL_INITS:
+            raise ValueError(f"rational_init must be one of {sorted(RATIONAL_INITS)}, got {rational_init!r}")
+        self.rational_init = rational_init
         self.hidden_size, self.bottleneck_size, self.num_adapters = hidden_size, bottleneck_size, num_adapters
         self.activation = activation
         self.scaling = float(scaling)
@@ -68,6 +75,10 @@ class BottleneckAdapter(nn.Module):
         else:
             self.register_parameter("ln_weight", None)
             self.register_parameter("ln_bias", None)
+        if activation == "rational":
+            self.rational_coeffs = nn.Parameter(torch.empty(N, RATIONAL_COEFFS, **opts))
+        else:
+            self.register_parameter("rational_coeffs", None)
         self.reset_parameters(init_weights)
 
     @property
@@ -88,6 +99,8 @@ class BottleneckAdapter(nn.Module):
             if self.ln_before:
                 self.ln_weight.fill_(1.0)
                 self.ln_bias.zero_()
+            if self.rational_coeffs is not None:
+                self.rational_coeffs.copy_(fit_rational(self.rational_init).expand_as(self.rational_coeffs))
 
     def load_adapter(self, index: int, down: nn.Linear, up: nn.Linear, layer_norm: Optional[nn.LayerNorm] = None) -> None:
         """Copy one adapter (plain ``nn.Linear`` down/up and optional ``nn.LayerNorm``, e.g. the
@@ -110,6 +123,7 @@ class BottleneckAdapter(nn.Module):
             down_weight=cast(self.down_weight), down_bias=cast(self.down_bias), up_weight=cast(self.up_weight),
             up_bias=cast(self.up_bias), ln_weight=None if not self.ln_before else cast(self.ln_weight),
             ln_bias=None if not self.ln_before else cast(self.ln_bias), scaling=self.scaling,
+            rational_coeffs=None if self.rational_coeffs is None else cast(self.rational_coeffs),
         )  # fmt: skip
 
     def forward(
@@ -182,5 +196,6 @@ def _run_chain(adapters, x, residual, ids):
         ln_bias=[s["ln_bias"] for s in stages] if ln else None,
         adapter_ids=ids,
         ln_eps=first.ln_eps,
+        rational_coeffs=[s["rational_coeffs"] for s in stages] if first.activation == "rational" else None,
     )
     return out

@@ -4,11 +4,19 @@ residual, banks of adapters with per-example ids, stacking, saved tensors, opche
 import pytest
 import torch
 
+from fastpeft.nn.rational import fit_rational
 from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_reference
 from tests.utils import DTYPES, assert_close, assert_error_within, devices, leaf, saved_storages
 
 
-def make_stage(N, r, d, dtype, device, ln):
+def rational_coeffs(N, device="cpu", dtype=torch.float32, seed=0):
+    """A bank of rational coefficients near the leaky-ReLU fit, each entry perturbed differently."""
+    gen = torch.Generator().manual_seed(seed)
+    base = fit_rational("leaky_relu")
+    return (base + 0.05 * torch.randn(N, base.numel(), generator=gen, dtype=torch.float64)).to(device, dtype)
+
+
+def make_stage(N, r, d, dtype, device, ln, rational=False):
     opts = dict(dtype=dtype, device=device)
     p = dict(
         down_weight=torch.randn(N, r, d, **opts) / d**0.5,
@@ -19,6 +27,8 @@ def make_stage(N, r, d, dtype, device, ln):
     if ln:
         p["ln_weight"] = 1 + 0.1 * torch.randn(N, d, **opts)
         p["ln_bias"] = 0.1 * torch.randn(N, d, **opts)
+    if rational:
+        p["rational_coeffs"] = rational_coeffs(N, device, dtype, seed=int(torch.randint(0, 2**30, ())))
     return {k: leaf(v) for k, v in p.items()}
 
 
@@ -36,6 +46,7 @@ def call(fn, x, stages, scalings, activation, residual, ids):
         ln_weight=[s["ln_weight"] for s in stages] if ln else None,
         ln_bias=[s["ln_bias"] for s in stages] if ln else None,
         adapter_ids=ids,
+        rational_coeffs=[s["rational_coeffs"] for s in stages] if activation == "rational" else None,
     )
 
 
@@ -62,14 +73,17 @@ SHAPES = [((4, 6, 37), 5, 3), ((7, 64), 16, 1), ((0, 3, 16), 4, 2)]
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("activation,ln", [("relu", False), ("gelu", True), ("silu", False), ("silu", True)])
+@pytest.mark.parametrize(
+    "activation,ln", [("relu", False), ("gelu", True), ("silu", False), ("silu", True), ("rational", False),
+                      ("rational", True)])  # fmt: skip
 @pytest.mark.parametrize("stages,with_residual", [(1, False), (1, True), (2, False), (2, True)])
 def test_bottleneck_adapter_matches_reference(device, dtype, shape, activation, ln, stages, with_residual):
+    """Outputs and every gradient (the rational coefficients' included) against the reference."""
     x_shape, r, N = shape
     d = x_shape[-1]
     x = leaf(torch.randn(x_shape, dtype=dtype, device=device))
     residual = leaf(torch.randn(x_shape, dtype=dtype, device=device)) if with_residual else None
-    st = [make_stage(N, r, d, dtype, device, ln) for _ in range(stages)]
+    st = [make_stage(N, r, d, dtype, device, ln, rational=activation == "rational") for _ in range(stages)]
     ids = [torch.randint(0, N, (x_shape[0],), device=device) if N > 1 else None for _ in range(stages)]
     scalings = [0.5, 2.0][:stages]
     g = torch.randn(x_shape, dtype=dtype, device=device)
@@ -151,15 +165,19 @@ def test_opcheck(device, requires_grad, ln):
     lists = [[s[k] for s in st] for k in ("down_weight", "down_bias", "up_weight", "up_bias")]
     ln_lists = [[s[k] for s in st] for k in ("ln_weight", "ln_bias")] if ln else [[], []]
     op = torch.ops.fastpeft.bottleneck_adapter
-    torch.library.opcheck(op, (x, res, *lists, *ln_lists, ids, [1.0, 0.5], "silu", 1e-5))
-    torch.library.opcheck(op, (x, None, *[l[:1] for l in lists], *[l[:1] for l in ln_lists], ids[:1], [2.0], "relu", 1e-5))
-    out, saved = op(x.detach(), res.detach(), *lists, *ln_lists, ids, [1.0, 0.5], "silu", 1e-5)
-    g = torch.randn_like(out)
+    coeffs = [rational_coeffs(2, device).requires_grad_(requires_grad), rational_coeffs(1, device)]
+    torch.library.opcheck(op, (x, res, *lists, *ln_lists, [], ids, [1.0, 0.5], "silu", 1e-5))
+    torch.library.opcheck(op, (x, None, *[l[:1] for l in lists], *[l[:1] for l in ln_lists], [], ids[:1], [2.0], "relu", 1e-5))
+    torch.library.opcheck(op, (x, res, *lists, *ln_lists, coeffs, ids, [1.0, 0.5], "rational", 1e-5))
     detached = [[t.detach() for t in l] for l in lists + ln_lists]
-    torch.library.opcheck(
-        torch.ops.fastpeft.bottleneck_adapter_backward,
-        (g, x.detach(), res.detach(), saved, *detached, ids, [1.0, 0.5], "silu", 1e-5, [True, True, True, ln]),
-    )
+    for act, c in (("silu", []), ("rational", [t.detach() for t in coeffs])):
+        out, saved = op(x.detach(), res.detach(), *lists, *ln_lists, c, ids, [1.0, 0.5], act, 1e-5)
+        g = torch.randn_like(out)
+        torch.library.opcheck(
+            torch.ops.fastpeft.bottleneck_adapter_backward,
+            (g, x.detach(), res.detach(), saved, *detached, c, ids, [1.0, 0.5], act, 1e-5,
+             [True, True, True, ln, act == "rational"]),
+        )  # fmt: skip
 
 
 def test_bad_input_errors_name_the_argument():
@@ -223,7 +241,7 @@ def test_saved_outputs_take_no_gradient():
     x = leaf(torch.randn(B, S, d))
     s = make_stage(1, r, d, torch.float32, "cpu", False)
     out, saved = torch.ops.fastpeft.bottleneck_adapter(
-        x, None, [s["down_weight"]], [s["down_bias"]], [s["up_weight"]], [s["up_bias"]], [], [], [None], [1.0],
+        x, None, [s["down_weight"]], [s["down_bias"]], [s["up_weight"]], [s["up_bias"]], [], [], [], [None], [1.0],
         "relu", 1e-5,
     )  # fmt: skip
     assert out.requires_grad and not any(t.requires_grad for t in saved)
@@ -244,3 +262,50 @@ def test_autograd_is_the_cpp_kernel():
     dump = torch._C._dispatch_dump("fastpeft::bottleneck_adapter")
     autograd = [line for line in dump.splitlines() if line.startswith("Autograd")]
     assert autograd and all("adapter_autograd.cpp" in line for line in autograd), dump
+
+
+# ---- the rational activation (adaptable adapters) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices())
+def test_rational_coefficient_gradients_are_deterministic_and_sum_per_bank_entry(device):
+    """The coefficient gradient of a bank entry is the sum over its examples (each example alone
+    gives its share), and repeated backward passes give the same bits."""
+    B, S, d, r, N = 6, 5, 32, 8, 3
+    x = torch.randn(B, S, d, device=device)
+    st = make_stage(N, r, d, torch.float32, device, False, rational=True)
+    ids = torch.tensor([2, 0, 2, 1, 2, 0], device=device)
+    g = torch.randn(B, S, d, device=device)
+
+    def coeff_grad(xs, ids_, gs, stage):
+        y = call(bottleneck_adapter, xs, [stage], [1.0], "rational", None, [ids_])
+        return torch.autograd.grad(y, stage["rational_coeffs"], gs)[0]
+
+    first = coeff_grad(x, ids, g, st)
+    for _ in range(3):
+        assert torch.equal(coeff_grad(x, ids, g, st), first)
+    alone = torch.zeros_like(first)
+    for b in range(B):
+        one = {k: leaf(v[ids[b] : ids[b] + 1]) for k, v in st.items()}
+        alone[ids[b]] += coeff_grad(x[b : b + 1], None, g[b : b + 1], one)[0]
+    assert_close(first, alone, scale=10)
+
+
+def test_rational_bad_input():
+    d, r = 16, 4
+    x = torch.randn(3, 2, d)
+    s = make_stage(2, r, d, torch.float32, "cpu", False, rational=True)
+    ids = [torch.tensor([0, 1, 1])]
+    lists = [[s[k]] for k in ("down_weight", "down_bias", "up_weight", "up_bias")]
+    with pytest.raises(ValueError, match="rational_coeffs must be given for activation='rational'"):
+        bottleneck_adapter(x, *lists, [1.0], activation="rational", adapter_ids=ids)
+    with pytest.raises(ValueError, match="rational_coeffs must be given for activation='rational' and only then"):
+        bottleneck_adapter(x, *lists, [1.0], activation="relu", adapter_ids=ids, rational_coeffs=[s["rational_coeffs"]])
+    with pytest.raises(RuntimeError, match=r"rational_coeffs\[0\] must be \[2, 10\]"):
+        call(bottleneck_adapter, x, [{**s, "rational_coeffs": torch.randn(2, 9)}], [1.0], "rational", None, ids)
+    with pytest.raises(RuntimeError, match=r"rational_coeffs\[0\] must be Float"):
+        call(bottleneck_adapter, x, [{**s, "rational_coeffs": s["rational_coeffs"].half()}], [1.0], "rational",
+             None, ids)  # fmt: skip
+    with pytest.raises(RuntimeError, match="rational_coeffs must hold one .* bank per stage for activation 'rational' "
+                                           "and be empty otherwise"):  # fmt: skip
+        torch.ops.fastpeft.bottleneck_adapter(x, None, *lists, [], [], [s["rational_coeffs"]], ids, [1.0], "relu", 1e-5)
