@@ -139,9 +139,7 @@ METHODS = {
                       describe="probing: frozen encoder (no_grad, stopped at layer 4), trained linear head"),
     # MAD-X: invertible adapter on the embeddings + Pfeiffer language adapters; no LM head on MiniLM, so no
     # inverse (docs/invertible_adapter.md). No peer: the adapters library does not run with transformers 5.17.
-    # Dense base: on an NF4 base bitsandbytes' matmul_4bit adds its bias in place onto a view of the
-    # (now grad-requiring) embedding output and autograd refuses it; not diagnosed further yet.
-    "madx": Method(_probing.madx_config, peer=None, quantize=False,
+    "madx": Method(_probing.madx_config, peer=None,
                    describe="MAD-X: NICE invertible adapter on the embeddings + Pfeiffer bottleneck adapters"),
 }
 
