@@ -9,6 +9,15 @@
 
 namespace fastpeft {
 
+// x [..., K] as [rows, K], rows the product of the leading sizes. Not reshape({-1, K}): with K = 0
+// the -1 is ambiguous and reshape throws, though the layer is well defined (its sums are empty).
+inline int64_t leading_rows(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
+}
+inline at::Tensor as_rows(const at::Tensor& x) { return x.reshape({leading_rows(x), x.size(-1)}); }
+
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }

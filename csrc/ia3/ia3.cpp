@@ -60,7 +60,7 @@ at::Tensor ia3_forward(const at::Tensor& x, const FrozenWeight& W, const c10::op
   const auto tasks = make_task_map(x, is_feedforward ? K : O, vectors_in, task_ids, kOp);
   check_bias(x, W, bias);
   const auto vectors = vectors_in.contiguous();
-  const auto x2 = x.reshape({-1, K}).contiguous();
+  const auto x2 = as_rows(x).contiguous();
   const bool fold = W.is_4bit() && tasks.single();
   at::Tensor out;
   if (is_feedforward) {

@@ -111,7 +111,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> lora_forward(
   check_biases(x, W, biases);
   const auto dropout_seed = seed_if_dropout(dropout_p, seed, kOp);
   const int64_t K = args.in_features;
-  const auto x2 = x.reshape({-1, K}).contiguous();
+  const auto x2 = as_rows(x).contiguous();
 
   const auto A_cat = concat_rows(lora_A);
   const auto shrink = dropout_seed ? call_shrink_dropout(x2, A_cat, dropout_p, *dropout_seed) : at::mm(x2, A_cat.t());
@@ -144,7 +144,7 @@ Grads lora_backward(at::TensorList grad_outs, const at::Tensor& x, const at::Ten
   const auto dropout_seed = seed_if_dropout(dropout_p, seed, kOp);
   TORCH_CHECK(grad_outs.size() == W.size(), kOp, "_backward: expected ", W.size(), " grad_outs, got ", grad_outs.size());
   const int64_t K = args.in_features;
-  const auto x2 = x.reshape({-1, K}).contiguous();
+  const auto x2 = as_rows(x).contiguous();
   const int64_t M = x2.size(0);
   TORCH_CHECK(shrink.dim() == 2 && shrink.size(0) == M && shrink.size(1) == args.total_rank, kOp,
               "_backward: shrink must be [", M, ", ", args.total_rank, "], got ", shrink.sizes());

@@ -142,14 +142,21 @@ struct AccumulateDropped {  // grad_x[m][k] += v * mask(m, k)
   }
 };
 
-// Length of each split of a Kdim-long reduction cut into about `splits` parts, a multiple of kDepth.
+// Length of each split of a Kdim-long reduction cut into about `splits` parts, a multiple of kDepth
+// and never 0 (an empty reduction would otherwise divide by it).
 int64_t split_length(int64_t Kdim, int64_t splits) {
-  return ((Kdim + splits - 1) / splits + kDepth - 1) / kDepth * kDepth;
+  return std::max<int64_t>(kDepth, ((Kdim + splits - 1) / splits + kDepth - 1) / kDepth * kDepth);
+}
+
+// Splits of a Kdim-long reduction: at least one, so an empty reduction still writes its zeros.
+int64_t split_count(int64_t Kdim, int64_t k_per_split) {
+  return std::max<int64_t>(1, (Kdim + k_per_split - 1) / k_per_split);
 }
 
 template <typename LoadA, typename LoadB, typename Epilogue>
 void launch(LoadA a, LoadB b, Epilogue e, int64_t I, int64_t J, int64_t Kdim, int64_t k_per_split) {
-  const dim3 grid((I + kTile - 1) / kTile, (J + kTile - 1) / kTile, (Kdim + k_per_split - 1) / k_per_split);
+  if (I == 0 || J == 0) return;  // nothing to write; a zero grid dimension is a launch error
+  const dim3 grid((I + kTile - 1) / kTile, (J + kTile - 1) / kTile, split_count(Kdim, k_per_split));
   TORCH_CHECK(grid.y <= 65535, "fastpeft: LoRA kernel dimension too large (", J, ")");
   small_gemm_kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a, b, e, I, J, Kdim, k_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -179,7 +186,7 @@ at::Tensor lora_grad_A_dropout_cuda(const at::Tensor& grad_shrink, const at::Ten
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({(4 * sms + tiles - 1) / tiles, 64, (M + 255) / 256}));
   const int64_t k_per_split = split_length(M, splits);
-  const int64_t used_splits = (M + k_per_split - 1) / k_per_split;
+  const int64_t used_splits = split_count(M, k_per_split);
   auto partial = at::empty({used_splits, R, K}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_grad_A_dropout_cuda", [&] {
     // grad_A[r][k] = sum_m grad_shrink[m][r] * dropped_x[m][k]

@@ -28,7 +28,8 @@ at::Tensor shrink_dropout(const at::Tensor& x, const at::Tensor& lora_A, double 
   TORCH_CHECK(lora_A.size(1) == x.size(1), kShrinkOp, ": lora_A must be [r, ", x.size(1),
               "] to match x [M, ", x.size(1), "], got ", lora_A.sizes());
   const auto mask = dropout_mask_from(p, seed, kShrinkOp);
-  if (x.size(0) == 0 || lora_A.size(0) == 0) return at::zeros({x.size(0), lora_A.size(0)}, x.options());
+  // Empty in any dimension (K = 0 included: an empty sum is 0) never reaches a kernel.
+  if (x.numel() == 0 || lora_A.size(0) == 0) return at::zeros({x.size(0), lora_A.size(0)}, x.options());
   return Kernel(x.contiguous(), lora_A.contiguous(), mask);
 }
 

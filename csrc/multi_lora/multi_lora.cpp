@@ -126,7 +126,7 @@ AdapterBank check_bank(const at::Tensor& x, int64_t out_features, at::TensorList
 
 RowPlan check_plan(const at::Tensor& x, int64_t num_adapters, const at::Tensor& sorted_rows,
                    const at::Tensor& offsets) {
-  const int64_t rows = x.numel() / std::max<int64_t>(1, x.size(-1));
+  const int64_t rows = leading_rows(x);
   const char* hint = " (make the plan with fastpeft.ops.multi_lora.plan_multi_lora)";
   check_dtype(sorted_rows, at::kInt, kOp, "sorted_rows", hint);
   check_dtype(offsets, at::kInt, kOp, "offsets", hint);
@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_forward(const at::Tensor& x, const
                                                       const c10::optional<at::Tensor>& bias, const AdapterBank& bank,
                                                       const RowPlan& plan) {
   const int64_t K = bank.in_features;
-  const auto x2 = x.reshape({-1, K}).contiguous();
+  const auto x2 = as_rows(x).contiguous();
   auto w = W.materialize(0, x.scalar_type(), x.device());
   auto out = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
   w = at::Tensor();  // release the workspace

@@ -420,6 +420,9 @@ int64_t choose_splits(int64_t blocks, int64_t depth) {
 template <typename Op>
 void launch_row_tiled(const Op& op, const at::Tensor& table, const RowPlan& plan, int64_t cols_max, int64_t splits,
                       int64_t depth_per_split) {
+  // No rows or no columns (in_features or out_features 0): nothing to write, and a zero grid
+  // dimension would be a launch error. The outputs that need zeros were allocated as zeros.
+  if (plan.max_tiles() == 0 || cols_max == 0) return;
   const dim3 grid(static_cast<unsigned>(plan.max_tiles()), static_cast<unsigned>(ceil_div(cols_max, kTile)),
                   static_cast<unsigned>(splits));
   TORCH_CHECK(ceil_div(cols_max, kTile) <= 65535, "fastpeft.multi_lora_linear: ", cols_max,
@@ -438,8 +441,10 @@ struct SplitOutput {
 SplitOutput split_output(const at::Tensor& like, const RowPlan& plan, int64_t r_max, int64_t depth) {
   SplitOutput s;
   const int64_t wanted = choose_splits(plan.max_tiles() * ceil_div(r_max, kTile), depth);
-  s.per_split = ceil_div(ceil_div(depth, wanted), kDepth) * kDepth;
-  s.splits = ceil_div(depth, s.per_split);
+  // An empty reduction (depth 0) keeps one split of kDepth: never a division by zero, and its
+  // output stays the zeros allocated below.
+  s.per_split = std::max<int64_t>(kDepth, ceil_div(ceil_div(depth, wanted), kDepth) * kDepth);
+  s.splits = std::max<int64_t>(1, ceil_div(depth, s.per_split));
   // Zeros: columns past an adapter's rank and rows with no adapter are never written.
   s.out = at::zeros({plan.rows, r_max}, like.options());
   if (s.splits > 1) s.partial = at::zeros({s.splits, plan.rows, r_max}, like.options().dtype(at::kFloat));
@@ -518,6 +523,7 @@ void launch_weight_grads(const at::Tensor& table, const AdapterBank& bank, const
                          const MakeOp& make_op) {
   const int64_t n = static_cast<int64_t>(bank.size());
   const int64_t col_tiles = ceil_div(out_cols_max, kTile), row_tiles = ceil_div(out_rows_max, kTile);
+  if (n == 0 || col_tiles == 0 || row_tiles == 0) return;  // empty gradients: nothing to write
   TORCH_CHECK(row_tiles <= 65535 && n <= 65535, "fastpeft.multi_lora_linear: too many adapters (", n,
               ") or output rows (", out_rows_max, ") for the CUDA weight-gradient grid");
   int64_t splits = choose_splits(n * col_tiles * row_tiles, plan.rows);

@@ -100,7 +100,7 @@ at::Tensor forward(const at::Tensor& x, const FrozenWeight& base, const c10::opt
     check_same_device(*bias, x, kOp, "bias", "x");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == O, kOp, ": bias must be [", O, "], got ", bias->sizes());
   }
-  const auto x2 = x.reshape({-1, K});
+  const auto x2 = as_rows(x);
   auto w = materialize(base, idx, values32, x);
   auto out = has_bias ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
   return out.view(with_last(x.sizes(), O));

@@ -211,8 +211,9 @@ def multi_lora_linear_reference(
     """Plain-PyTorch ``multi_lora_linear``: a Python loop over the adapters (autograd through
     ordinary ops), with the kernels' dropout mask (indexed over the rows of the whole batch)."""
     out = F.linear(x, dense_weight_reference(weight, x.dtype), bias)
-    x2 = x.reshape(-1, x.shape[-1])
-    out2 = out.reshape(-1, out.shape[-1])
+    rows = math.prod(x.shape[:-1])  # not reshape(-1, K): ambiguous when K (or out_features) is 0
+    x2 = x.reshape(rows, x.shape[-1])
+    out2 = out.reshape(rows, out.shape[-1])
     rows_adapter = row_adapter_index(torch.as_tensor(adapter_index, device=x.device), x)
     dropout = _per_adapter(dropout_p, len(lora_A), "dropout_p")
     for a, (A, B, s, p) in enumerate(zip(lora_A, lora_B, _per_adapter(scalings, len(lora_A), "scalings"), dropout)):

@@ -292,3 +292,20 @@ def test_device_mismatch_is_reported():
     x, W = torch.randn(4, 32, device="cuda"), torch.randn(16, 32, device="cuda")
     with pytest.raises(RuntimeError, match=r"lora_A\[0\] is on cpu but x is on cuda"):
         lora_linear(x, W, None, torch.randn(4, 32), torch.randn(16, 4, device="cuda"), 1.0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_no_input_features(device, dropout):
+    """in_features = 0 (an empty reduction in the shrink): the LoRA branch adds zeros, with or
+    without dropout, and nothing divides by the empty length."""
+    x = leaf(torch.randn(5, 0, device=device))
+    weight = torch.randn(7, 0, device=device)
+    A, B = leaf(torch.randn(3, 0, device=device)), leaf(torch.randn(7, 3, device=device))
+    seed = torch.tensor([1234])
+    g = torch.randn(5, 7, device=device)
+    y, grads = run(lora_linear, x, weight, None, A, B, 0.5, dropout, seed, g)
+    y_ref, grads_ref = run(lora_linear_reference, x, weight, None, A, B, 0.5, dropout, seed, g)
+    assert y.shape == (5, 7) and not y.any()
+    for got, ref in zip(grads, grads_ref):
+        assert_close(got, ref)

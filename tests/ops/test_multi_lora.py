@@ -445,3 +445,22 @@ def test_autograd_is_the_cpp_kernel():
     y = multi_lora_linear(x, torch.randn(16, 32), None, [leaf(torch.randn(2, 32))], [leaf(torch.randn(16, 2))], [1.0],
                           torch.tensor([0, -1, 0, 0]))  # fmt: skip
     assert "MultiLoraLinearFunction" in y.grad_fn.name(), y.grad_fn.name()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("in_f,out_f", [(0, 16), (16, 0)], ids=["in_features=0", "out_features=0"])
+def test_zero_width_layers(device, in_f, out_f):
+    """A layer with no input or no output features: no kernel launches a zero-sized grid or
+    divides by an empty reduction; outputs and gradients are the reference's (zeros)."""
+    x = leaf(torch.randn(6, in_f, device=device))
+    weight = leaf(torch.randn(out_f, in_f, device=device)).requires_grad_(False)
+    As, Bs = make_bank([2, 4], in_f, out_f, torch.float32, device)
+    index = torch.tensor([0, 1, -1, 1, 0, 0], device=device)
+    g = torch.randn(6, out_f, device=device)
+    y, grads = run(multi_lora_linear, x, weight, None, As, Bs, [0.5, 2.0], index, grad=g)
+    y_ref, grads_ref = run(multi_lora_linear_reference, x, weight, None, As, Bs, [0.5, 2.0], index, grad=g)
+    assert y.shape == (6, out_f)
+    assert_close(y, y_ref)
+    for got, ref in zip(grads, grads_ref):
+        assert got.shape == ref.shape
+        assert_close(got, ref)
