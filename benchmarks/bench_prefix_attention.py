@@ -74,33 +74,49 @@ def useful_flops(B, H, S, D, P, backward):
     return forward * (3.5 if backward else 1.0)
 
 
-def bench_case(case, provider, dtype, device, reps):
+def bench_case(case, providers, dtype, device, reps):
+    """Rows of every provider on one case, each mode timed with the providers interleaved
+    (common.time_interleaved): on shared CPU cores back-to-back timing compares different machines.
+    A provider that runs out of memory gets error rows."""
     B, H, Hkv, S, D, P, N = (case[k] for k in ("B", "H", "Hkv", "S", "D", "P", "N"))
-    q, k, v, pk, pv, index = make_inputs(B, H, Hkv, S, D, P, N, dtype, device)
-    fn = PROVIDERS[provider]
-    grad = torch.randn_like(q)
-    leaves = (q, k, v, pk, pv)
+    runs, errors = {}, []
+    for provider in providers:
+        torch.manual_seed(0)  # every provider sees the same values
+        q, k, v, pk, pv, index = make_inputs(B, H, Hkv, S, D, P, N, dtype, device)
+        fn, grad, leaves = PROVIDERS[provider], torch.randn_like(q), (q, k, v, pk, pv)
 
-    def forward():
-        with torch.no_grad():
-            fn(q, k, v, pk, pv, index)
+        def forward(fn=fn, leaves=leaves, index=index):
+            with torch.no_grad():
+                fn(*leaves, index)
 
-    def forward_backward():
-        torch.autograd.grad(fn(q, k, v, pk, pv, index), leaves, grad, allow_unused=True)
+        def forward_backward(fn=fn, leaves=leaves, index=index, grad=grad):
+            torch.autograd.grad(fn(*leaves, index), leaves, grad, allow_unused=True)
 
+        try:
+            forward_backward()
+        except torch.OutOfMemoryError:
+            errors.append(provider)
+            torch.cuda.empty_cache()
+            continue
+        runs[provider] = (fn, leaves, index, {"fwd": forward, "fwd+bwd": forward_backward})
     rows = []
-    for mode, run in (("fwd", forward), ("fwd+bwd", forward_backward)):
-        t = common.time_fn(run, device, warmup=2, reps=reps)
-        tflops = useful_flops(B, H, S, D, P, mode != "fwd") / (t["median_ms"] * 1e-3) / 1e12
-        row = common.make_row("prefix_attention", case_label(case), mode, dtype, provider, t, **case, tflops=tflops,
-                              peak_bytes=common.peak_memory_bytes(run, device))  # fmt: skip
-        peaks = common.device_peaks(device)
-        if peaks:
-            row["peak_bf16_tflops"] = peaks["bf16_tflops"]
-        if mode != "fwd":
-            row["saved_bytes"] = common.saved_activation_bytes(lambda: fn(q, k, v, pk, pv, index), exclude=leaves)
-        rows.append(row)
-    del q, k, v, pk, pv
+    peaks = common.device_peaks(device)
+    for mode in ("fwd", "fwd+bwd"):
+        stats = common.time_interleaved({p: r[3][mode] for p, r in runs.items()}, device, warmup=2, reps=reps)
+        for provider, (fn, leaves, index, modes) in runs.items():
+            t = stats[provider]
+            tflops = useful_flops(B, H, S, D, P, mode != "fwd") / (t["median_ms"] * 1e-3) / 1e12
+            row = common.make_row("prefix_attention", case_label(case), mode, dtype, provider, t, **case,
+                                  tflops=tflops, peak_bytes=common.peak_memory_bytes(modes[mode], device))  # fmt: skip
+            if peaks:
+                row["peak_bf16_tflops"] = peaks["bf16_tflops"]
+            if mode != "fwd":
+                row["saved_bytes"] = common.saved_activation_bytes(lambda fn=fn, leaves=leaves, index=index:
+                                                                   fn(*leaves, index), exclude=leaves)  # fmt: skip
+            rows.append(row)
+        for provider in errors:
+            rows.append(common.make_row("prefix_attention", case_label(case), mode, dtype, provider, **case,
+                                        error="out of memory"))  # fmt: skip
     return rows
 
 
@@ -144,18 +160,11 @@ def main(argv=None):
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     args = common.add_common_args(parser, threads=None).parse_args(argv)
     device, dtype = common.setup(args)
-    reps = args.reps or (20 if device.startswith("cuda") else 5)
+    reps = args.reps or (20 if device.startswith("cuda") else 15)
     rows = []
     todo = cases(args.gpu_shapes, args.quick)
     for case in todo:
-        for provider in args.providers.split(","):
-            try:
-                rows += bench_case(case, provider, dtype, device, reps)
-            except torch.OutOfMemoryError:
-                for mode in ("fwd", "fwd+bwd"):
-                    rows.append(common.make_row("prefix_attention", case_label(case), mode, dtype, provider, **case,
-                                                error="out of memory"))  # fmt: skip
-                torch.cuda.empty_cache()
+        rows += bench_case(case, args.providers.split(","), dtype, device, reps)
     name = "bench_prefix_attention" + ("_quick" if args.quick else "")
     config = {"shapes": "quick" if args.quick else "gpu" if args.gpu_shapes else "cpu-scaled", "reps": reps}
     return common.finish(args, device, name, "prefix_attention", rows, headline(todo), config,

@@ -187,7 +187,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
                                       last_dim_contiguous(v), mask, last_dim_contiguous(out), lse.contiguous(), scale);
       grad_q = last_dim_contiguous(grad_q);
     } else {
-      grad_q = at::zeros_like(q);
+      // Contiguous, not zeros_like: zeros_like keeps q's strides, and the prefix kernels accumulate
+      // into grad_q assuming a contiguous last dim.
+      grad_q = at::zeros(q.sizes(), q.options());
       grad_k = at::zeros_like(k);
       grad_v = at::zeros_like(v);
     }

@@ -4,11 +4,13 @@
 // sets) plus the causal / padded part of its own sequence. The op splits that softmax in two:
 //   - the sequence part goes through PyTorch's fused attention kernels, which return the output O1
 //     and its log-sum-exp L1 (sequence_attention.cpp);
-//   - the prefix part is this folder's own kernel, which folds the P prefix scores into the running
-//     softmax state (m = L1, l = 1, acc = O1) and writes the merged output O and log-sum-exp L.
+//   - the prefix part: on the CPU the same fused kernel over the P prefix keys, merged by
+//     log-sum-exp (prefix_attention_cpu.cpp); on CUDA this folder's own kernel, which folds the P
+//     prefix scores into the running softmax state (m = L1, l = 1, acc = O1). Either writes the
+//     merged output O and log-sum-exp L.
 // Backward hands the merged O and L to the sequence backward kernel: with them it computes the
 // sequence part of exactly the joint softmax, and the prefix kernels compute the rest. So
-// [prefix; keys] and a batch-repeated prefix never exist.
+// [prefix; keys] never exists (nor, on CUDA, a batch-repeated prefix).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -10,14 +10,17 @@ sequence keys only; causality is aligned to the last key (query i sees key j iff
 j <= i + Skv - Sq), so decoding with a KV cache (Sq = 1) sees the whole cache and the prefix.
 
 How: the sequence part runs in PyTorch's fused attention kernels, which also return its
-log-sum-exp; a fastpeft kernel folds the prefix into that softmax state (FlashInfer's merge_state
-idea). Backward hands the merged output and log-sum-exp to the fused attention backward, which
-then yields the sequence part of the joint gradient, and a fastpeft kernel adds the prefix part.
+log-sum-exp. On the CPU the prefix part is the same fused kernel over each example's prefix keys,
+merged by log-sum-exp in one fastpeft pass; on CUDA a fastpeft kernel folds the prefix into the
+sequence part's softmax state (FlashInfer's merge_state idea). Backward hands the merged output
+and log-sum-exp to the fused attention backward, which then yields the sequence part of the joint
+gradient (and on the CPU, called for the prefix keys, the prefix part; on CUDA a fastpeft kernel
+adds it).
 
 Saved for backward: q, k, v, the prefix bank, prefix_index, the mask, out and the fp32 [B, H, Sq]
-log-sum-exp. Never allocated, forward or backward: ``[prefix; keys]``, a batch-repeated prefix, or
-any B x P x ... tensor (scores and probabilities live in registers / one tile of shared memory).
-The bank gradients are summed per set over the examples that used it.
+log-sum-exp. Never allocated, forward or backward: ``[prefix; keys]`` (docs/prefix.md, Memory,
+for the per-example prefix tensors of the CPU path). The bank gradients are summed per set over
+the examples that used it.
 """
 
 from __future__ import annotations
