@@ -141,7 +141,9 @@ def machine_roofline(device: str) -> dict:
 
 
 # Row metrics and the roofline figure each is a fraction of ("<metric>_of_roofline" in the row).
-ROOFLINE_METRICS = {"gbps": "triad_gbps", "tflops": "gemm_tflops", "base_tflops": "gemm_tflops"}
+# line_gbps: the bytes of every 64-byte cache line a kernel touches (gathers move whole lines), per second.
+ROOFLINE_METRICS = {"gbps": "triad_gbps", "line_gbps": "triad_gbps", "tflops": "gemm_tflops",
+                    "base_tflops": "gemm_tflops"}
 
 
 def attach_roofline(rows: list, roofline: dict) -> None:
