@@ -59,6 +59,7 @@ sparse_adamw_kernel(const SparseAdamWTensor* __restrict__ tensors, int n_tensors
                     const float* __restrict__ grad_scale, const float* __restrict__ found_inf) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // AMP found inf/nan: skip the step
   __shared__ int s_tensor;
+  __shared__ AdamWScalars s_scalars;
   if (threadIdx.x == 0) {
     int lo = 0, hi = n_tensors - 1;  // the last tensor whose first chunk is <= this block
     while (lo < hi) {
@@ -66,10 +67,13 @@ sparse_adamw_kernel(const SparseAdamWTensor* __restrict__ tensors, int n_tensors
       if (tensors[mid].first_chunk <= int64_t(blockIdx.x)) lo = mid; else hi = mid - 1;
     }
     s_tensor = lo;
+    // The step's scalars (two FP64 pow) once per block, not once per thread: the step count is a
+    // device tensor (no host sync), so they cannot come from the host.
+    s_scalars = adamw_scalars(h, static_cast<double>(*tensors[lo].step));
   }
   __syncthreads();
   const SparseAdamWTensor t = tensors[s_tensor];
-  const AdamWScalars s = adamw_scalars(h, static_cast<double>(*t.step));
+  const AdamWScalars s = s_scalars;
   const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
   T* param = static_cast<T*>(t.param);
   const T* grad = static_cast<const T*>(t.grad);

@@ -69,6 +69,9 @@ def test_dequantize_is_bit_exact_with_the_reference(device, dtype):
         assert torch.equal(got, w.dequantize_reference(dtype))
         buf = torch.empty(out_f, in_f, dtype=dtype, device=device)
         assert dequantize_int8(w, out=buf) is buf and torch.equal(buf, got)
+        # An out view one element into its storage is not 16-byte aligned: the scalar path.
+        offset = torch.empty(out_f * in_f + 1, dtype=dtype, device=device)[1:].view(out_f, in_f)
+        assert dequantize_int8(w, out=offset) is offset and torch.equal(offset, got)
 
 
 @pytest.mark.parametrize("device", devices())
