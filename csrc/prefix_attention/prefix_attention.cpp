@@ -1,7 +1,7 @@
-// Prefix-KV attention op bodies: validate, run the sequence part through PyTorch's fused
-// attention, fold the prefix in with this folder's kernel (CPU or CUDA).
+// Prefix-KV attention op bodies: validate, run the sequence part and the prefix part through
+// PyTorch's fused attention and merge them by log-sum-exp (prefix_part.cpp), on every device.
 //
-// Memory rules: never [prefix; keys], never a batch-repeated prefix. Forward allocates the output
+// Memory rules: never [prefix; keys]. Forward allocates the output
 // (or merges in place into the sequence kernel's output) and an fp32 [B, H, Sq] log-sum-exp.
 // Backward needs q, k, v, the prefix bank, the index, the mask, out and lse: what a flash
 // attention backward needs, plus the (small) bank.
@@ -19,17 +19,43 @@ namespace {
 
 constexpr const char* kOp = "fastpeft.prefix_attention";
 
-using MergeKernel = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, double, at::Tensor&, at::Tensor&);
-using BackwardKernel = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, const at::Tensor&, double, at::Tensor&,
-                                at::Tensor&, at::Tensor&);
-
 void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.defined(), kOp, ": ", name, " is required");
   check_dim(t, 4, kOp, name);
   check_dtype(t, q.scalar_type(), kOp, name, " (the dtype of q)");
   check_same_device(t, q, kOp, name, "q");
+}
+
+// The last GPU prefix_index found in range, held by a weak reference (a freed tensor never matches,
+// even if a new one reuses its memory) with its data pointer, bank size and version counter (an
+// in-place write bumps the version): the layers after the first skip the host sync. CPU indices
+// are checked every call (no sync to save).
+struct ValidatedIndex {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl{
+      c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
+  const void* data = nullptr;
+  int64_t version = -1, bank = -1;
+};
+thread_local ValidatedIndex last_validated;
+
+int64_t version_of(const at::Tensor& t) {
+  return static_cast<int64_t>(t.unsafeGetTensorImpl()->version_counter().current_version());
+}
+
+bool already_validated(const at::Tensor& idx, int64_t bank) {
+  if (idx.is_cpu()) return false;
+  const auto& v = last_validated;
+  const auto held = v.impl.lock();
+  return held.defined() && held.get() == idx.unsafeGetTensorImpl() && v.data == idx.const_data_ptr() &&
+         v.version == version_of(idx) && v.bank == bank;
+}
+
+void remember_validated(const at::Tensor& idx, int64_t bank) {
+  if (idx.is_cpu()) return;
+  last_validated.impl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(idx.getIntrusivePtr());
+  last_validated.data = idx.const_data_ptr();
+  last_validated.version = version_of(idx);
+  last_validated.bank = bank;
 }
 
 PrefixShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
@@ -70,12 +96,15 @@ PrefixShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
                 "] (one prefix set per example), got shape ", idx.sizes());
     TORCH_CHECK(idx.is_cpu() || idx.device() == q.device(), kOp, ": prefix_index is on ", idx.device(),
                 " but q is on ", q.device(), "; pass it on the CPU or on q's device");
-    if (s.B > 0) {
-      // One host sync on GPU tensors: an index past the bank would read out of bounds.
+    if (s.B > 0 && !already_validated(idx, s.N)) {
+      // A host sync for an index on the GPU, once per index tensor: every layer of a forward gets
+      // the same one, and already_validated remembers it (an index past the bank would read out
+      // of bounds; a device-side assert would end the CUDA context instead of raising).
       const auto [lo, hi] = at::aminmax(idx);
       const int64_t min = lo.item<int64_t>(), max = hi.item<int64_t>();
       TORCH_CHECK(min >= 0 && max < s.N, kOp, ": prefix_index must be in [0, N=", s.N,
                   ") (the sets of the prefix bank), got values in [", min, ", ", max, "]");
+      remember_validated(idx, s.N);
     }
   }
 
@@ -124,7 +153,6 @@ at::Tensor in_layout_of(const at::Tensor& grad, const at::Tensor& input) {
   return like.copy_(grad);
 }
 
-template <MergeKernel Merge>
 std::tuple<at::Tensor, at::Tensor> prefix_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                                     const c10::optional<at::Tensor>& prefix_index,
@@ -148,13 +176,12 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention(const at::Tensor& q, const a
     seq_out = out;  // never read: every row's sequence lse is -inf
     seq_lse = at::full({s.B, s.H, s.Sq}, -std::numeric_limits<float>::infinity(), lse.options());
   }
-  Merge(qc, seq_out, seq_lse, prefix_k.contiguous(), prefix_v.contiguous(), index_on(prefix_index, q.device()), scale,
+  prefix_merge_forward(qc, seq_out, seq_lse, prefix_k.contiguous(), prefix_v.contiguous(), index_on(prefix_index, q.device()), scale,
         out, lse);
   return {out, lse};
 }
 
 // output_mask: [q, k, v, prefix_k, prefix_v]; gradients not asked for come back as empty tensors.
-template <BackwardKernel Backward>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& prefix_k, const at::Tensor& prefix_v, const c10::optional<at::Tensor>& prefix_index,
@@ -200,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   }
   if ((need_q || need_bank) && !empty && s.P > 0) {
     at::Tensor grad_q_prefix = need_q ? grad_q : at::Tensor();
-    Backward(last_dim_contiguous(grad_out), last_dim_contiguous(q), last_dim_contiguous(out), lse.contiguous(),
+    prefix_backward(last_dim_contiguous(grad_out), last_dim_contiguous(q), last_dim_contiguous(out), lse.contiguous(),
              prefix_k.contiguous(), prefix_v.contiguous(), index_on(prefix_index, q.device()), scale, grad_q_prefix,
              grad_pk, grad_pv);
   }
@@ -218,14 +245,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
-  m.impl("prefix_attention", &prefix_attention<prefix_merge_forward_cpu>);
-  m.impl("prefix_attention_backward", &prefix_attention_backward<prefix_backward_cpu>);
+  m.impl("prefix_attention", &prefix_attention);
+  m.impl("prefix_attention_backward", &prefix_attention_backward);
 }
 
 #ifdef FASTPEFT_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
-  m.impl("prefix_attention", &prefix_attention<prefix_merge_forward_cuda>);
-  m.impl("prefix_attention_backward", &prefix_attention_backward<prefix_backward_cuda>);
+  m.impl("prefix_attention", &prefix_attention);
+  m.impl("prefix_attention_backward", &prefix_attention_backward);
 }
 #endif
 

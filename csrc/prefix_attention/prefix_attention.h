@@ -4,13 +4,11 @@
 // sets) plus the causal / padded part of its own sequence. The op splits that softmax in two:
 //   - the sequence part goes through PyTorch's fused attention kernels, which return the output O1
 //     and its log-sum-exp L1 (sequence_attention.cpp);
-//   - the prefix part: on the CPU the same fused kernel over the P prefix keys, merged by
-//     log-sum-exp (prefix_attention_cpu.cpp); on CUDA this folder's own kernel, which folds the P
-//     prefix scores into the running softmax state (m = L1, l = 1, acc = O1). Either writes the
-//     merged output O and log-sum-exp L.
+//   - the prefix part runs in the same fused kernels over the P prefix keys, and the two are
+//     merged by log-sum-exp into the output O and log-sum-exp L (prefix_part.cpp).
 // Backward hands the merged O and L to the sequence backward kernel: with them it computes the
-// sequence part of exactly the joint softmax, and the prefix kernels compute the rest. So
-// [prefix; keys] never exists (nor, on CUDA, a batch-repeated prefix).
+// sequence part of exactly the joint softmax, and the prefix keys' backward the rest. So
+// [prefix; keys] never exists.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -51,33 +49,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const SequenceMask& mask, const at::Tensor& out, const at::Tensor& lse, double scale);
 
-// ---- the prefix part (prefix_attention_cpu.cpp, prefix_attention_cuda.cu) ----------------------
+// ---- the prefix part (prefix_part.cpp; the CPU merge in prefix_attention_cpu.cpp) ---------------
 //
 // Tensors: q, seq_out, out, grad_out, grad_q are [B, H, Sq, D] with any strides but a contiguous
 // last dim; seq_lse [B, H, Sq] fp32 with any strides; lse [B, H, Sq] fp32 contiguous; prefix_k/v
 // [N, Hkv, P, D] contiguous; prefix_index int64 [B] contiguous on the same device, or undefined
 // (set 0 for every example).
 
-// Folds the prefix into (seq_out, seq_lse) and writes (out, lse). out may alias seq_out.
-void prefix_merge_forward_cpu(const at::Tensor& q, const at::Tensor& seq_out, const at::Tensor& seq_lse,
-                              const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                              const at::Tensor& prefix_index, double scale, at::Tensor& out, at::Tensor& lse);
+// Runs the fused attention over each example's prefix and merges it with (seq_out, seq_lse) into
+// (out, lse). out may alias seq_out.
+void prefix_merge_forward(const at::Tensor& q, const at::Tensor& seq_out, const at::Tensor& seq_lse,
+                          const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& prefix_index,
+                          double scale, at::Tensor& out, at::Tensor& lse);
 
 // Prefix part of backward. grad_q (if defined) is accumulated into. grad_prefix_k/v come as a pair
 // or both undefined: fp32 [N, Hkv, P, D] buffers filled with zeros that receive the per-set sums.
-void prefix_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out,
-                         const at::Tensor& lse, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                         const at::Tensor& prefix_index, double scale, at::Tensor& grad_q,
-                         at::Tensor& grad_prefix_k, at::Tensor& grad_prefix_v);
+void prefix_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
+                     const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& prefix_index,
+                     double scale, at::Tensor& grad_q, at::Tensor& grad_prefix_k, at::Tensor& grad_prefix_v);
 
-#ifdef FASTPEFT_WITH_CUDA
-void prefix_merge_forward_cuda(const at::Tensor& q, const at::Tensor& seq_out, const at::Tensor& seq_lse,
-                               const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                               const at::Tensor& prefix_index, double scale, at::Tensor& out, at::Tensor& lse);
-void prefix_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out,
-                          const at::Tensor& lse, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                          const at::Tensor& prefix_index, double scale, at::Tensor& grad_q,
-                          at::Tensor& grad_prefix_k, at::Tensor& grad_prefix_v);
-#endif
+// The CPU merge: L = logaddexp(L1, L2), O = exp(L1 - L) O1 + exp(L2 - L) O2 per row (pre_out
+// undefined: no prefix). out may alias seq_out.
+void prefix_merge_rows_cpu(const at::Tensor& seq_out, const at::Tensor& seq_lse, const at::Tensor& pre_out,
+                           const at::Tensor& pre_lse, at::Tensor& out, at::Tensor& lse);
 
 }  // namespace fastpeft

@@ -1,21 +1,9 @@
-// CPU prefix part: PyTorch's fused CPU attention over the P prefix keys, merged with the sequence
-// part by log-sum-exp (the cascade-attention identity), so no matmul of prefix attention runs in
-// fastpeft's own loops.
+// CPU merge of prefix attention's two parts (prefix_part.cpp): one pass over the rows instead of
+// eight ATen passes over [B, H, Sq, D] (logaddexp, two weights, masking, two products, a sum).
 //
-//   forward   (O2, L2) = flash_cpu(q, K_pre, V_pre)            no mask: every query sees its prefix
-//             L = logaddexp(L1, L2),  O = exp(L1 - L) O1 + exp(L2 - L) O2
-//   backward  (dq, dK_pre, dV_pre) = flash_cpu_backward(dO, q, K_pre, V_pre, O, L)
-//             with the *merged* O and L: the kernel forms P = exp(s - L) and Delta = rowsum(dO * O)
-//             from them, which are exactly the prefix columns of the joint softmax's gradient.
-//
-// K_pre / V_pre [B, Hkv, P, D] are each example's prefix set: the bank expanded over the batch
-// (stride 0, no copy) for a shared prefix, a row gather (B * Hkv * P * D elements, the size of the
-// prefix itself per example) for a bank. Bank gradients: the per-example [B, Hkv, P, D] gradients
-// summed per set in float32 with a GEMM against the one-hot assignment (fixed order, no atomics).
-//
-// Before this, the prefix part was a hand-written blocked loop around small ATen GEMMs; at
-// S = 512, P = 64 its forward+backward took ~17 ms of a 44 ms step on 2 cores, the fused kernels
-// take ~5 ms (bench_prefix_attention.py).
+// History: the prefix part used to be a hand-written blocked loop around small ATen GEMMs; at
+// S = 512, P = 64 its forward+backward took ~17 ms of a 44 ms step on 2 cores, the fused CPU
+// attention kernels now used for it take ~5 ms (bench_prefix_attention.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -30,14 +18,6 @@ namespace fastpeft {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Each example's prefix set, [B, Hkv, P, D] in q's dtype.
-at::Tensor prefix_per_example(const at::Tensor& bank, const at::Tensor& prefix_index, int64_t B,
-                              at::ScalarType dtype) {
-  const auto b = bank.scalar_type() == dtype ? bank : bank.to(dtype);
-  if (!prefix_index.defined()) return b.narrow(0, 0, 1).expand({B, b.size(1), b.size(2), b.size(3)});
-  return at::embedding(b.reshape({b.size(0), -1}), prefix_index).view({B, b.size(1), b.size(2), b.size(3)});
-}
 
 // The merge epilogue, one pass over the rows (instead of eight ATen passes over [B, H, Sq, D]):
 //   L = logaddexp(L1, L2), O = exp(L1 - L) O1 + exp(L2 - L) O2, in float32, rounded once.
@@ -85,47 +65,11 @@ void merge_rows(const at::Tensor& seq_out, const at::Tensor& seq_lse, const at::
 
 }  // namespace
 
-void prefix_merge_forward_cpu(const at::Tensor& q, const at::Tensor& seq_out, const at::Tensor& seq_lse,
-                              const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                              const at::Tensor& prefix_index, double scale, at::Tensor& out, at::Tensor& lse) {
-  const int64_t B = q.size(0), P = prefix_k.size(2);
-  at::Tensor pre_out, pre_lse;
-  if (P > 0) {
-    const auto pk = prefix_per_example(prefix_k, prefix_index, B, q.scalar_type());
-    const auto pv = prefix_per_example(prefix_v, prefix_index, B, q.scalar_type());
-    std::tie(pre_out, pre_lse) = at::_scaled_dot_product_flash_attention_for_cpu(
-        q, pk, pv, /*dropout_p=*/0.0, /*is_causal=*/false, c10::nullopt, scale);
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prefix_merge_cpu", [&] {
+void prefix_merge_rows_cpu(const at::Tensor& seq_out, const at::Tensor& seq_lse, const at::Tensor& pre_out,
+                           const at::Tensor& pre_lse, at::Tensor& out, at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "prefix_merge_rows_cpu", [&] {
     merge_rows<scalar_t>(seq_out, seq_lse, pre_out, pre_lse, out, lse);
   });
-}
-
-void prefix_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out,
-                         const at::Tensor& lse, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                         const at::Tensor& prefix_index, double scale, at::Tensor& grad_q,
-                         at::Tensor& grad_prefix_k, at::Tensor& grad_prefix_v) {
-  const int64_t B = q.size(0), N = prefix_k.size(0);
-  const auto pk = prefix_per_example(prefix_k, prefix_index, B, q.scalar_type());
-  const auto pv = prefix_per_example(prefix_v, prefix_index, B, q.scalar_type());
-  // The kernel reads O and L of the joint softmax; rows whose L is -inf (they see nothing at all)
-  // have O = 0 and get no gradient.
-  auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-      grad_out, q, pk, pv, out, lse, /*dropout_p=*/0.0, /*is_causal=*/false, c10::nullopt, scale);
-  if (grad_q.defined()) grad_q.add_(dq);
-  if (!grad_prefix_k.defined()) return;  // the bank gradients come as a pair or not at all
-  auto per_set = [&](const at::Tensor& per_example, at::Tensor& into) {
-    const auto flat = per_example.reshape({B, -1}).to(at::kFloat);
-    if (!prefix_index.defined()) {
-      into.view({N, -1}).select(0, 0).add_(flat.sum(0));
-    } else {
-      const auto sets = at::arange(N, prefix_index.options()).unsqueeze(1);
-      const auto onehot = sets.eq(prefix_index.unsqueeze(0)).to(at::kFloat);  // [N, B]
-      into.view({N, -1}).addmm_(onehot, flat);
-    }
-  };
-  per_set(dk, grad_prefix_k);
-  per_set(dv, grad_prefix_v);
 }
 
 }  // namespace fastpeft

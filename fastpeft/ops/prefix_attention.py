@@ -10,12 +10,10 @@ sequence keys only; causality is aligned to the last key (query i sees key j iff
 j <= i + Skv - Sq), so decoding with a KV cache (Sq = 1) sees the whole cache and the prefix.
 
 How: the sequence part runs in PyTorch's fused attention kernels, which also return its
-log-sum-exp. On the CPU the prefix part is the same fused kernel over each example's prefix keys,
-merged by log-sum-exp in one fastpeft pass; on CUDA a fastpeft kernel folds the prefix into the
-sequence part's softmax state (FlashInfer's merge_state idea). Backward hands the merged output
-and log-sum-exp to the fused attention backward, which then yields the sequence part of the joint
-gradient (and on the CPU, called for the prefix keys, the prefix part; on CUDA a fastpeft kernel
-adds it).
+log-sum-exp. The prefix part is the same fused kernel over each example's prefix keys, merged by
+log-sum-exp (FlashInfer's merge_state idea). Backward hands the merged output and log-sum-exp to
+the fused attention backward, which then yields the sequence part of the joint gradient and,
+called for the prefix keys, the prefix part (the cascade-attention identity).
 
 Saved for backward: q, k, v, the prefix bank, prefix_index, the mask, out and the fp32 [B, H, Sq]
 log-sum-exp. Never allocated, forward or backward: ``[prefix; keys]`` (docs/prefix.md, Memory,
@@ -74,7 +72,8 @@ def prefix_attention(
         q: [B, H, Sq, D]; k, v: [B, Hkv, Skv, D] with H a multiple of Hkv. float32/16, bfloat16.
         prefix_k, prefix_v: the bank [N, Hkv, P, D] (N = 1 for one shared prefix).
         prefix_index: int64 [B], the set of each example (None: set 0 for all). Values are
-            checked against N (one host sync when it lives on the GPU).
+            checked against N (on a GPU one host sync per index tensor: the layers of a forward
+            that share it are checked once).
         attention_mask: for the sequence keys only: bool (True = attend) or additive float,
             [B, Skv] (key padding) or broadcastable to [B, H, Sq, Skv]. Not differentiable.
         causal: query i sees sequence key j iff j <= i + Skv - Sq (aligned to the last key).
