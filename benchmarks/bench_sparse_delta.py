@@ -10,7 +10,9 @@ Providers, on the same frozen base, the same x and the same k trained entries (v
               input gradient in fwd+bwd -- the cost any frozen-base method pays
 
 Cases: dense base (fp32 on CPU, bf16 on GPU) and bitsandbytes NF4 base (double-quantized; bnb runs on
-CPU), densities 0.1% / 0.5% / 2%, modes fwd (no grad) and fwd+bwd (x and values need grad).
+CPU), densities 0.1% / 0.5% / 2%, modes fwd (no grad) and fwd+bwd (x and values need grad); and the
+weight gradient alone through both of its paths at 0.1-10% density (mode weight-grad: where the
+sampled product and the dense GEMM + gather cross is the crossover the op uses).
 Reports median / p20 / p80 ms of interleaved repetitions after warm-up (CUDA events on GPU; the
 ratios to the floor and to fastpeft are summarize.py's, from the rows), and memory: on CPU the bytes autograd saves for backward, exact
 (saved_tensors_hooks; frozen weights, quantization state, indices and values not counted), on CUDA
@@ -53,7 +55,12 @@ def headline():
              "cells": [{"text": "{}x vs the dense-delta practice", "values": [{"ratio": ["reference", "fastpeft"]}]},
                        {"text": "{}x the frozen-linear floor", "values": [{"ratio": ["fastpeft", "floor"]}]},
                        {"text": "saves only x for backward; base GEMMs at {} of this machine's GEMM throughput",
-                        "values": [{"value": "fastpeft", "metric": "base_tflops_of_roofline"}]}]}]  # fmt: skip
+                        "values": [{"value": "fastpeft", "metric": "base_tflops_of_roofline"}]}]},
+            {"what": "sparse-delta weight gradient alone, density 0.1-10% (the SDDMM / dense crossover)",
+             "where": {"mode": "weight-grad"},
+             "cells": [{"text": "dense GEMM + gather takes {}x the SDDMM's time",
+                        "values": [{"ratio": ["dense_gather", "sddmm"]}]},
+                       {"text": ""}, {"text": "the op switches to the dense path at the density where this crosses 1"}]}]  # fmt: skip
 
 
 def frozen_dense_weight(base, kind, dtype):
@@ -142,6 +149,43 @@ def case_rows(kind, in_f, out_f, tokens, dtype, device, reps, densities, gen):
     return rows
 
 
+GRAD_DENSITIES = (0.001, 0.005, 0.02, 0.05, 0.1)
+
+
+def weight_grad_rows(in_f, out_f, tokens, dtype, device, reps, gen):
+    """dL/dvalues alone, both paths of sparse_delta_weight_grad at each density (forced through
+    FASTPEFT_SDDMM_CROSSOVER): the sampled product ("sddmm") and one dense GEMM + gather
+    ("dense_gather"). Where their times cross is the density crossover the op uses on this device."""
+    rows = []
+    numel = in_f * out_f
+    g = torch.randn(tokens, out_f, dtype=dtype, device=device)
+    x = torch.randn(tokens, in_f, dtype=dtype, device=device)
+    previous = os.environ.get("FASTPEFT_SDDMM_CROSSOVER")
+
+    def with_crossover(value, idx):
+        def run():
+            os.environ["FASTPEFT_SDDMM_CROSSOVER"] = value
+            return torch.ops.fastpeft.sparse_delta_weight_grad(g, x, idx)
+        return run
+
+    try:
+        for density in GRAD_DENSITIES:
+            k = max(1, round(density * numel))
+            idx = sample_without_replacement(numel, k, gen).to(index_dtype(numel)).to(device)
+            runs = {"sddmm": with_crossover("2.0", idx), "dense_gather": with_crossover("0.0", idx)}
+            stats = common.time_interleaved(runs, device, warmup=2, reps=reps)
+            for name, st in stats.items():
+                rows.append(common.make_row("sparse_delta", f"weight-grad {in_f}x{out_f} t{tokens} d{density:g}",
+                                            "weight-grad", dtype, name, st, in_f=in_f, out_f=out_f, tokens=tokens,
+                                            density=density, k=k))  # fmt: skip
+    finally:
+        if previous is None:
+            os.environ.pop("FASTPEFT_SDDMM_CROSSOVER", None)
+        else:
+            os.environ["FASTPEFT_SDDMM_CROSSOVER"] = previous
+    return rows
+
+
 def main(argv=None):
     """Run the benchmark; return its rows (in the schema of benchmarks/common.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,6 +204,9 @@ def main(argv=None):
         for in_f, out_f in shapes["layers"]:
             for tokens in shapes["tokens"]:
                 rows += case_rows(kind, in_f, out_f, tokens, dtype, device, reps, args.densities, gen)
+    for in_f, out_f in shapes["layers"]:
+        for tokens in shapes["tokens"]:
+            rows += weight_grad_rows(in_f, out_f, tokens, dtype, device, reps, gen)
     preset = "_quick" if args.quick else "_full" if args.full else ""
     name = "bench_sparse_delta" + preset + ("" if on_cuda else "_cpu")
     config = dict(shapes=shapes, reps=reps, threads=None if on_cuda else args.threads)

@@ -4,9 +4,12 @@
 //   sparse_delta_weight_grad   dL/dD at the indices: a sampled product of grad_out and x
 //
 // The kernels trust indices to be sorted and unique (validated once in Python when a mask or a
-// SparseDeltaLinear is built); an index outside the weight is skipped, never written.
+// SparseDeltaLinear is built); an index outside the weight is skipped, never written (the dense
+// weight-gradient path, above the density crossover, raises on one instead).
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <cstdlib>
 
 #include "common/checks.h"
 #include "quant4bit/quant4bit.h"
@@ -76,6 +79,27 @@ at::Tensor transposed_padded(const at::Tensor& rows, int64_t padded_len) {
   return t;
 }
 
+// Density (k / (out_features * in_features)) from which dL/dD is one dense GEMM grad_out^T x in
+// float32 followed by a gather at the indices, instead of the sampled product (SDDMM) above.
+// CPU: measured on the AMD EPYC (2 cores, 512 tokens, 1024 x 1024 / 1024 x 3584 / 3584 x 1024):
+// the SDDMM took 0.22..0.38x the dense path's time up to 2% density and 0.23..0.80x at 5%, so the
+// dense path starts at 10%. CUDA: 0.5%, the review's estimate from the kernels' code (issue 16),
+// until bench_sparse_delta.py's weight-gradient rows are measured on a GPU.
+// FASTPEFT_SDDMM_CROSSOVER=<density> overrides both (tests use it to run each path).
+double dense_grad_crossover(const at::Tensor& x) {
+  if (const char* env = std::getenv("FASTPEFT_SDDMM_CROSSOVER")) return std::atof(env);
+  return x.is_cuda() ? 0.005 : 0.10;
+}
+
+// dL/dD = (grad_out^T x)[indices], the product in float32.
+at::Tensor dense_grad_at(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& idx) {
+  const bool exact = x2.scalar_type() == at::kFloat;
+  const auto dense = exact ? at::mm(g2.t(), x2)
+                     : x2.is_cuda() ? at::mm(g2.t(), x2, at::kFloat)  // bf16/fp16 GEMM, fp32 output
+                                    : at::mm(g2.t().to(at::kFloat), x2.to(at::kFloat));
+  return dense.reshape({-1}).index_select(0, idx.to(at::kLong));
+}
+
 template <void (*Kernel)(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>
 at::Tensor sparse_delta_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices,
                                     int64_t chunk_tokens) {
@@ -98,6 +122,8 @@ at::Tensor sparse_delta_weight_grad(const at::Tensor& grad_out, const at::Tensor
   const auto g2 = grad_out.reshape({M, O});
   const auto x2 = x.reshape({M, K});
   TORCH_CHECK(chunk_tokens >= 0, kGradOp, ": chunk_tokens must be >= 0 (0: automatic), got ", chunk_tokens);
+  const double density = static_cast<double>(indices.numel()) / (static_cast<double>(O) * static_cast<double>(K));
+  if (density >= dense_grad_crossover(x)) return dense_grad_at(g2, x2, idx);
   // Tokens go in chunks so the transposed copies stay under ~64 MiB whatever the batch.
   const int64_t row_bytes = (O + K) * x.element_size();
   int64_t chunk = chunk_tokens > 0 ? chunk_tokens : std::max<int64_t>(kRowPad, (int64_t(64) << 20) / row_bytes);

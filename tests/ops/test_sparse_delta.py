@@ -44,7 +44,11 @@ def test_merged_weight_is_bit_exact(device, dtype, kind, index_dtype, shape, k):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk_tokens", [0, 3, 8])
-def test_weight_grad_equals_dense_gradient_gathered(device, dtype, chunk_tokens):
+@pytest.mark.parametrize("path", ["sddmm", "dense"])
+def test_weight_grad_equals_dense_gradient_gathered(device, dtype, chunk_tokens, path, monkeypatch):
+    """Both weight-gradient paths (the sampled product, and above the density crossover one dense
+    GEMM + gather; FASTPEFT_SDDMM_CROSSOVER forces either) against the dense gradient gathered."""
+    monkeypatch.setenv("FASTPEFT_SDDMM_CROSSOVER", "2.0" if path == "sddmm" else "0.0")
     M, O, K = 21, 19, 33  # odd sizes: padded rows, a partial last token chunk
     g = torch.randn(3, 7, O, dtype=dtype, device=device)
     x = torch.randn(3, 7, K, dtype=dtype, device=device)
