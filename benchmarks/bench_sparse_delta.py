@@ -11,7 +11,7 @@ Providers, on the same frozen base, the same x and the same k trained entries (v
 
 Cases: dense base (fp32 on CPU, bf16 on GPU) and bitsandbytes NF4 base (double-quantized; bnb runs on
 CPU), densities 0.1% / 0.5% / 2%, modes fwd (no grad) and fwd+bwd (x and values need grad); and the
-weight gradient alone through both of its paths at 0.1-10% density (mode weight-grad: where the
+weight gradient alone through both of its paths at 0.1-20% density (mode bwd, cases "weight-grad": where the
 sampled product and the dense GEMM + gather cross is the crossover the op uses).
 Reports median / p20 / p80 ms of interleaved repetitions after warm-up (CUDA events on GPU; the
 ratios to the floor and to fastpeft are summarize.py's, from the rows), and memory: on CPU the bytes autograd saves for backward, exact
@@ -56,8 +56,8 @@ def headline():
                        {"text": "{}x the frozen-linear floor", "values": [{"ratio": ["fastpeft", "floor"]}]},
                        {"text": "saves only x for backward; base GEMMs at {} of this machine's GEMM throughput",
                         "values": [{"value": "fastpeft", "metric": "base_tflops_of_roofline"}]}]},
-            {"what": "sparse-delta weight gradient alone, density 0.1-10% (the SDDMM / dense crossover)",
-             "where": {"mode": "weight-grad"},
+            {"what": "sparse-delta weight gradient alone, density 0.1-20% (the SDDMM / dense crossover)",
+             "where": {"mode": "bwd"},
              "cells": [{"text": "dense GEMM + gather takes {}x the SDDMM's time",
                         "values": [{"ratio": ["dense_gather", "sddmm"]}]},
                        {"text": ""}, {"text": "the op switches to the dense path at the density where this crosses 1"}]}]  # fmt: skip
@@ -149,11 +149,11 @@ def case_rows(kind, in_f, out_f, tokens, dtype, device, reps, densities, gen):
     return rows
 
 
-GRAD_DENSITIES = (0.001, 0.005, 0.02, 0.05, 0.1)
+GRAD_DENSITIES = (0.001, 0.005, 0.02, 0.05, 0.1, 0.2)
 
 
 def weight_grad_rows(in_f, out_f, tokens, dtype, device, reps, gen):
-    """dL/dvalues alone, both paths of sparse_delta_weight_grad at each density (forced through
+    """dL/dvalues alone (mode "bwd"), both paths of sparse_delta_weight_grad at each density (forced through
     FASTPEFT_SDDMM_CROSSOVER): the sampled product ("sddmm") and one dense GEMM + gather
     ("dense_gather"). Where their times cross is the density crossover the op uses on this device."""
     rows = []
@@ -176,7 +176,7 @@ def weight_grad_rows(in_f, out_f, tokens, dtype, device, reps, gen):
             stats = common.time_interleaved(runs, device, warmup=2, reps=reps)
             for name, st in stats.items():
                 rows.append(common.make_row("sparse_delta", f"weight-grad {in_f}x{out_f} t{tokens} d{density:g}",
-                                            "weight-grad", dtype, name, st, in_f=in_f, out_f=out_f, tokens=tokens,
+                                            "bwd", dtype, name, st, in_f=in_f, out_f=out_f, tokens=tokens,
                                             density=density, k=k))  # fmt: skip
     finally:
         if previous is None:

@@ -81,14 +81,14 @@ at::Tensor transposed_padded(const at::Tensor& rows, int64_t padded_len) {
 
 // Density (k / (out_features * in_features)) from which dL/dD is one dense GEMM grad_out^T x in
 // float32 followed by a gather at the indices, instead of the sampled product (SDDMM) above.
-// CPU: measured on the AMD EPYC (2 cores, 512 tokens, 1024 x 1024 / 1024 x 3584 / 3584 x 1024):
-// the SDDMM took 0.22..0.38x the dense path's time up to 2% density and 0.23..0.80x at 5%, so the
-// dense path starts at 10%. CUDA: 0.5%, the review's estimate from the kernels' code (issue 16),
-// until bench_sparse_delta.py's weight-gradient rows are measured on a GPU.
+// CPU: measured on the AMD EPYC (2 cores, 512 tokens, 1024 x 1024 / 1024 x 2816 / 2816 x 1024,
+// bench_sparse_delta.py weight-grad rows): the SDDMM took 0.65..0.82x the dense path's time at 10%
+// density and 1.19..1.30x at 20%, so the dense path starts at 15%. CUDA: 0.5%, the review's
+// estimate from the kernels' code (issue 16), until those rows are measured on a GPU.
 // FASTPEFT_SDDMM_CROSSOVER=<density> overrides both (tests use it to run each path).
 double dense_grad_crossover(const at::Tensor& x) {
   if (const char* env = std::getenv("FASTPEFT_SDDMM_CROSSOVER")) return std::atof(env);
-  return x.is_cuda() ? 0.005 : 0.10;
+  return x.is_cuda() ? 0.005 : 0.15;
 }
 
 // dL/dD = (grad_out^T x)[indices], the product in float32.
