@@ -16,7 +16,8 @@ from benchmarks import common, summarize  # noqa: E402
 
 QUICK = ["--quick", "--device", "cpu", "--reps", "2"]
 BENCHES = {
-    # file: (arguments, packages it needs, providers every case of its fwd(+bwd) rows must have)
+    # file: (arguments, packages it needs, providers every case of its fwd(+bwd) rows must have
+    #        [, {case prefix: the providers of the cases whose name starts with it instead}])
     "bench_linear_cross_entropy": (QUICK, (), {"fastpeft", "floor", "reference"}),
     "bench_lora": (QUICK, ("bitsandbytes", "peft"), {"fastpeft", "floor", "peft"}),
     "bench_ia3": (QUICK, ("bitsandbytes", "peft"), {"fastpeft", "floor", "reference"}),
@@ -24,7 +25,8 @@ BENCHES = {
     "bench_multi_lora": (QUICK, ("peft",), {"fastpeft", "floor", "loop"}),
     "bench_prefix_attention": (QUICK, (), {"fastpeft", "floor", "sdpa", "peft"}),
     "bench_quant4bit": (QUICK, ("bitsandbytes",), {"fastpeft", "bitsandbytes", "reference"}),
-    "bench_sparse_delta": (QUICK + ["--densities", "0.01", "0.05"], ("bitsandbytes",), {"fastpeft", "floor", "reference"}),
+    "bench_sparse_delta": (QUICK + ["--densities", "0.01", "0.05"], ("bitsandbytes",), {"fastpeft", "floor", "reference"},
+                           {"weight-grad": {"sddmm", "dense_gather"}}),
     "bench_sparse_optim": (QUICK, (), {"fastpeft", "torch_fused_k", "dense_masked"}),
     "bench_e2e_qlora": (["--steps", "3", "--seq", "32", "--batch", "2", "--device", "cpu"], ("bitsandbytes", "peft", "transformers"),
                         {"fastpeft", "peft+bitsandbytes"}),
@@ -40,7 +42,8 @@ def load(name):
 
 @pytest.mark.parametrize("name", sorted(BENCHES))
 def test_bench_writes_the_schema(name, tmp_path, monkeypatch):
-    argv, needs, providers = BENCHES[name]
+    argv, needs, providers, *by_prefix = BENCHES[name]
+    by_prefix = by_prefix[0] if by_prefix else {}
     for package in needs:
         pytest.importorskip(package)
     module = load(name)
@@ -52,7 +55,8 @@ def test_bench_writes_the_schema(name, tmp_path, monkeypatch):
     cases = {(r["case"], r["mode"], r["dtype"]) for r in rows}
     for key in cases:
         have = {r["provider"] for r in rows if (r["case"], r["mode"], r["dtype"]) == key}
-        assert providers <= have, (key, have)
+        wanted = next((p for prefix, p in by_prefix.items() if key[0].startswith(prefix)), providers)
+        assert wanted <= have, (key, have)
 
     (path,) = tmp_path.rglob(f"{name}*.json")
     data = json.loads(path.read_text())
@@ -80,7 +84,12 @@ def test_bench_sparse_delta_checks(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     module = load("bench_sparse_delta")
     monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
-    rows = module.main(QUICK + ["--densities", "0.01", "0.05", "--no-write"])
+    all_rows = module.main(QUICK + ["--densities", "0.01", "0.05", "--no-write"])
+    grad_rows = [r for r in all_rows if r["case"].startswith("weight-grad")]
+    rows = [r for r in all_rows if not r["case"].startswith("weight-grad")]
+    # The weight gradient alone: both paths at every density of module.GRAD_DENSITIES.
+    assert {(r["density"], r["provider"]) for r in grad_rows} == {
+        (d, p) for d in module.GRAD_DENSITIES for p in ("sddmm", "dense_gather")}  # fmt: skip
     assert {(r["base"], r["mode"], r["provider"]) for r in rows} == {
         (base, mode, provider)
         for base in ("dense", "nf4")
