@@ -64,6 +64,7 @@ class AdaptableAdapter(BottleneckAdapter):
         device = self.down_weight.device
         self.switch_logits = nn.Parameter(torch.zeros(self.num_adapters, 2, device=device, dtype=torch.float32))
         self.switch_decided = False
+        self._decision = None  # (logits version, keep mask, all on, all off): one host read per version
         if switch_decided:
             self.decide_switch()
 
@@ -82,6 +83,16 @@ class AdaptableAdapter(BottleneckAdapter):
         self.switch_decided = True
         self.switch_logits.requires_grad_(False)
 
+    def _decided(self):
+        """(keep mask, every entry on, every entry off) of the decided switch, read back to the host
+        once per change of the logits (their version counter: optimizer steps and loads bump it),
+        not on every eval forward."""
+        version = self.switch_logits._version
+        if self._decision is None or self._decision[0] != version:
+            keep = self.keep_mask()
+            self._decision = (version, keep, bool(keep.all()), bool((~keep).all()))
+        return self._decision[1:]
+
     def switch_weights(self) -> torch.Tensor:
         """float32 [N]: the weight of the adapter branch per bank entry: a Gumbel-softmax sample in
         training (until the switch is decided), else ``keep_mask()`` as 0 / 1."""
@@ -96,13 +107,16 @@ class AdaptableAdapter(BottleneckAdapter):
         """``res + g * (adapter(x) - res)`` with ``res = residual`` (default x) and ``g`` the switch
         weight of each example's adapter (``adapter_ids`` [B] picks it from the bank)."""
         res = x if residual is None else residual
-        g = self.switch_weights()
-        decided = not (self.training and not self.switch_decided)
-        if decided and bool((g == 0).all()):
-            return res  # every adapter of the bank is switched off: the layer is the identity
+        if self.training and not self.switch_decided:
+            g = self.switch_weights()
+        else:
+            keep, all_on, all_off = self._decided()
+            if all_off:
+                return res  # every adapter of the bank is switched off: the layer is the identity
+            if all_on:
+                return _run_chain([self], x, residual, [adapter_ids])
+            g = keep.to(torch.float32)
         out = _run_chain([self], x, residual, [adapter_ids])
-        if decided and bool((g == 1).all()):
-            return out
         g = g[adapter_ids.to(g.device).long()] if adapter_ids is not None else g[:1].expand(out.shape[0])
         g = g.to(out.dtype).view(out.shape[0], *([1] * (out.dim() - 1)))
         return torch.lerp(res.to(out.dtype), out, g)

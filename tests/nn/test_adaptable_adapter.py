@@ -145,3 +145,22 @@ def test_starts_as_the_init_function():
     assert torch.equal(a.rational_coeffs[0].double(), fit_rational("leaky_relu").float().double())
     assert torch.equal(a.rational_coeffs[0], a.rational_coeffs[1])
     assert a.switch_logits.shape == (2, 2) and torch.equal(a.switch_logits, torch.zeros(2, 2))
+
+
+def test_decided_switch_follows_changes_of_the_logits():
+    """The eval decision is read back once per change of the logits (their version counter): an
+    in-place edit, an optimizer step or a load after an eval forward takes effect at the next one."""
+    a = make(N=1).eval()
+    x = torch.randn(2, 3, 24)
+    with torch.no_grad():
+        a.switch_logits.copy_(torch.tensor([[1.0, 0.0]]))
+    assert a(x) is not x
+    with torch.no_grad():
+        a.switch_logits.copy_(torch.tensor([[0.0, 1.0]]))
+    assert a(x) is x
+    opt = torch.optim.SGD([a.switch_logits], lr=10.0)
+    a.switch_logits.grad = torch.tensor([[-1.0, 1.0]])  # pushes "adapter" up by 10, "skip" down
+    opt.step()
+    assert a(x) is not x
+    a.load_state_dict({**a.state_dict(), "switch_logits": torch.tensor([[-5.0, 5.0]])})
+    assert a(x) is x
