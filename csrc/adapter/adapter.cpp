@@ -11,7 +11,7 @@
 //
 // Rational activation (adaptable adapters, adapter/adapter_rational.h): the epilogue evaluates each
 // example's adapter's R(z); backward returns dz and the [M, 10] per-row coefficient gradients,
-// summed per bank here with ATen's deterministic reductions.
+// summed per bank entry here by ia3_task_reduce (deterministic, as for the down bias).
 //
 // Banks: with adapter_ids, example b uses entry ids[b] of each bank. The GEMMs then run batched
 // over examples (bmm against the gathered [B, r, d] / [B, d, r] weights) and the weight gradients
@@ -22,7 +22,7 @@
 #include "adapter/adapter.h"
 #include "adapter/adapter_rational.h"
 #include "common/checks.h"
-#include "ia3/ia3.h"  // ia3_task_reduce: the per-bank-entry reduction of the bias and layer-norm grads
+#include "ia3/ia3.h"  // ia3_task_reduce: the per-bank-entry reduction of the bias, layer-norm and rational grads
 
 namespace fastpeft {
 
@@ -74,13 +74,8 @@ at::Tensor activation_backward(at::Tensor& grad_a, const at::Tensor& z, AdapterA
     TORCH_CHECK(z.device().is_cpu(), "fastpeft bottleneck adapter: no kernel for device ", z.device());
     row_grads = adapter_rational_backward_cpu(grad_a, z, coeffs, banks);
   }
-  if (banks.single()) return row_grads.sum(0, /*keepdim=*/true).to(coeffs.scalar_type());
-  // Rows -> examples (each example's rows are consecutive), then examples -> bank entries with one
-  // GEMM against the one-hot assignment: fixed-order sums, no atomics.
-  const auto per_example = row_grads.view({banks.num_examples, banks.rows_per_example, row_grads.size(1)}).sum(1);
-  const auto entries = at::arange(coeffs.size(0), banks.ids.options()).unsqueeze(1);
-  const auto onehot = entries.eq(banks.ids.unsqueeze(0)).to(per_example.scalar_type());
-  return at::mm(onehot, per_example).to(coeffs.scalar_type());
+  // Rows -> bank entries by the same deterministic per-entry reduction as the down bias's gradient.
+  return ia3_task_reduce(row_grads, at::Tensor(), at::Tensor(), banks, false, nullptr).to(coeffs.scalar_type());
 }
 
 // alpha * a @ b rounded once (beta = 0: the output's old values are ignored, NaNs included).

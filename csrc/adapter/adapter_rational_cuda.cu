@@ -1,7 +1,7 @@
 // CUDA backward of the rational activation (adaptable adapters): dz = grad_a * R'(z) in place, and
 // each row's 10 coefficient gradients summed by one warp (lanes stride the row, then a shuffle
 // tree in a fixed order), written as [M, 10] float32 partials. The caller reduces the rows per bank
-// with ATen's deterministic sums: no atomics, the same bits on every run.
+// with ia3_task_reduce (plain loads and stores, no atomics): the same bits on every run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
