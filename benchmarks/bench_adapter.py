@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from fastpeft.nn import AdaptableAdapter, BottleneckAdapter, BottleneckAdapterStack  # noqa: E402
 from fastpeft.nn.adaptable_adapter import AdaptableAdapterReference  # noqa: E402
+from fastpeft.nn.rational import fit_rational  # noqa: E402
 from fastpeft.ops import bottleneck_adapter_reference  # noqa: E402
 from fastpeft.ops.adapter import rational_reference  # noqa: E402
 
@@ -53,7 +54,7 @@ class UnfusedAdapter(nn.Module):
         self.down = nn.Linear(d, r, device=device, dtype=dtype)
         self.up = nn.Linear(r, d, device=device, dtype=dtype)
         if act == "rational":  # adaptable adapters: the rational in PyTorch elementwise ops
-            self.coeffs = nn.Parameter(AdaptableAdapter(8, 1, device=device, dtype=dtype).rational_coeffs[0].detach())
+            self.coeffs = nn.Parameter(fit_rational("leaky_relu").to(device, dtype))
             self.act = lambda z: rational_reference(z, self.coeffs)
         else:
             self.act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU()}[act]

@@ -80,9 +80,7 @@ class AdaptableAdapterConfig(BottleneckAdapterConfig):
 
     def make_adapter(self, hidden: int, r: int, device, dtype) -> AdaptableAdapter:
         """The ``AdaptableAdapter`` of one site (switch already decided when the config is pruned)."""
-        return AdaptableAdapter(hidden, r, activation=self.non_linearity, ln_before=self.adapter_layer_norm,
-                                scaling=self.scaling, num_adapters=self.num_adapters,
-                                init_weights=self.init_weights, rational_init=self.rational_init,
+        return AdaptableAdapter(hidden, r, **self.adapter_kwargs(), rational_init=self.rational_init,
                                 switch_temperature=self.switch_temperature, switch_hard=self.switch_hard,
                                 switch_decided=self.kept_sites is not None, device=device, dtype=dtype)  # fmt: skip
 

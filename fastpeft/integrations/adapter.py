@@ -117,11 +117,14 @@ class BottleneckAdapterConfig:
         """The sites (``find_sites`` entries) that get an adapter: all of them."""
         return sites
 
+    def adapter_kwargs(self) -> dict:
+        """The ``BottleneckAdapter`` arguments this config sets (subclasses' adapters take them too)."""
+        return dict(activation=self.non_linearity, ln_before=self.adapter_layer_norm, scaling=self.scaling,
+                    num_adapters=self.num_adapters, init_weights=self.init_weights)  # fmt: skip
+
     def make_adapter(self, hidden: int, r: int, device, dtype) -> BottleneckAdapter:
         """The adapter module of one site."""
-        return BottleneckAdapter(hidden, r, activation=self.non_linearity, ln_before=self.adapter_layer_norm,
-                                 scaling=self.scaling, num_adapters=self.num_adapters,
-                                 init_weights=self.init_weights, device=device, dtype=dtype)  # fmt: skip
+        return BottleneckAdapter(hidden, r, **self.adapter_kwargs(), device=device, dtype=dtype)
 
 
 # ---- per-example index ----------------------------------------------------------------------------
