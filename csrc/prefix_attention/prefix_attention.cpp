@@ -176,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention(const at::Tensor& q, const a
     seq_out = out;  // never read: every row's sequence lse is -inf
     seq_lse = at::full({s.B, s.H, s.Sq}, -std::numeric_limits<float>::infinity(), lse.options());
   }
-  prefix_merge_forward(qc, seq_out, seq_lse, prefix_k.contiguous(), prefix_v.contiguous(), index_on(prefix_index, q.device()), scale,
-        out, lse);
+  prefix_merge_forward(qc, seq_out, seq_lse, prefix_k.contiguous(), prefix_v.contiguous(),
+                       index_on(prefix_index, q.device()), scale, out, lse);
   return {out, lse};
 }
 
@@ -214,8 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
                                       last_dim_contiguous(v), mask, last_dim_contiguous(out), lse.contiguous(), scale);
       grad_q = last_dim_contiguous(grad_q);
     } else {
-      // Contiguous, not zeros_like: zeros_like keeps q's strides, and the prefix kernels accumulate
-      // into grad_q assuming a contiguous last dim.
+      // In the standard layout, like the sequence kernels' grad_q (in_layout_of restores q's).
       grad_q = at::zeros(q.sizes(), q.options());
       grad_k = at::zeros_like(k);
       grad_v = at::zeros_like(v);
@@ -228,8 +227,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   if ((need_q || need_bank) && !empty && s.P > 0) {
     at::Tensor grad_q_prefix = need_q ? grad_q : at::Tensor();
     prefix_backward(last_dim_contiguous(grad_out), last_dim_contiguous(q), last_dim_contiguous(out), lse.contiguous(),
-             prefix_k.contiguous(), prefix_v.contiguous(), index_on(prefix_index, q.device()), scale, grad_q_prefix,
-             grad_pk, grad_pv);
+                    prefix_k.contiguous(), prefix_v.contiguous(), index_on(prefix_index, q.device()), scale,
+                    grad_q_prefix, grad_pk, grad_pv);
   }
 
   auto none = [](const at::Tensor& like) { return at::empty({0}, like.options()); };

@@ -46,7 +46,8 @@ void merge_aten(const at::Tensor& seq_out, const at::Tensor& seq_lse, const at::
   const auto seq_l = seq_lse.unsqueeze(-1);
   const auto w_seq = (seq_l - l).exp_();  // 0 where L1 = -inf, whose O1 may be NaN: masked
   const auto w_pre = (pre_lse.unsqueeze(-1) - l).exp_();
-  auto merged = seq_out.to(at::kFloat).masked_fill_(seq_l.eq(kNegInf), 0.0).mul_(w_seq);
+  // Out of place: for float32 .to() returns seq_out itself, which must not be written here.
+  auto merged = seq_out.to(at::kFloat).masked_fill(seq_l.eq(kNegInf), 0.0).mul_(w_seq);
   merged.addcmul_(pre_out.to(at::kFloat), w_pre);
   out.copy_(merged);
 }
