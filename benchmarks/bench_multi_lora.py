@@ -6,6 +6,9 @@ Providers, side by side on the same weights and routing:
             plan is made once per batch (untimed here, its time is the `plan` row), as in a model
             where every layer shares it
   fastpeft+plan  the same, making the plan inside every call (a lone layer given an index tensor)
+  fastpeft[P]  fastpeft with its path forced (FASTPEFT_MULTI_LORA_PATH=P: segment, grouped, bgmv;
+            bgmv is CUDA forward only): the rows that place the path thresholds in
+            csrc/multi_lora/multi_lora_path.cpp (on the CPU, grouped is ATen's per-group loop)
   peft      peft's LoRA layer with adapter_names=[...] (inference only: peft refuses it in training)
   loop      the naive reference: base GEMM, then a Python loop over adapters gathering their rows
   floor     the frozen base layer alone (forward; forward + input gradient in training)
@@ -107,19 +110,43 @@ def providers(base, ours, model, names, index, mode, rows):
     return out
 
 
-def make_step(fn, x, grad, mode):
-    if mode == "fwd":
-
-        def step():
+def make_step(fn, x, grad, mode, path=None):
+    def run():
+        if mode == "fwd":
             with torch.no_grad():
                 fn(x)
-
-    else:
-
-        def step():
+        else:
             fn(x).backward(grad)
 
-    return step
+    if path is None:
+        return run
+
+    def forced():
+        # Forward and backward both read the variable: it stays set for the whole step.
+        old = os.environ.get(PATH_ENV)
+        os.environ[PATH_ENV] = path
+        try:
+            run()
+        finally:
+            if old is None:
+                os.environ.pop(PATH_ENV)
+            else:
+                os.environ[PATH_ENV] = old
+
+    return forced
+
+
+PATH_ENV = "FASTPEFT_MULTI_LORA_PATH"
+
+
+def forced_paths(device, mode, hidden, dtype):
+    """The paths worth timing here: bgmv is a CUDA forward; grouped needs 16-byte rows."""
+    paths = ["segment"]
+    if (hidden * torch.finfo(dtype).bits // 8) % 16 == 0:
+        paths.append("grouped")
+    if device.startswith("cuda") and mode == "fwd":
+        paths.append("bgmv")
+    return paths
 
 
 def memory(fn, step, trainable, frozen, x, device, mode):
@@ -169,6 +196,10 @@ def main(argv=None):
                 if mode == "fwd+bwd":
                     provs.pop("plan")
                 steps = {name: make_step(fn, xm, grad, mode) for name, (fn, _, _) in provs.items()}
+                fused = provs["fastpeft"]
+                for path in forced_paths(device, mode, hidden, dtype):
+                    provs[f"fastpeft[{path}]"] = fused
+                    steps[f"fastpeft[{path}]"] = make_step(fused[0], xm, grad, mode, path)
                 times = common.time_interleaved(steps, device, warmup=2, reps=reps)
                 for name, (fn, trainable, frozen) in provs.items():
                     row = common.make_row("multi_lora", case, mode, dtype, name, times[name], hidden=hidden,
@@ -179,7 +210,7 @@ def main(argv=None):
                     base_flops = (2 if mode == "fwd" else 4) * tokens * hidden * hidden
                     row["base_tflops"] = base_flops / (row["median_ms"] * 1e-3) / 1e12
                     rows.append(row)
-                    print(f"{mode:7s} {case:28s} {name:13s} {row['median_ms']:9.3f} ms  "
+                    print(f"{mode:7s} {case:28s} {name:18s} {row['median_ms']:9.3f} ms  "
                           f"(p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})", flush=True)  # fmt: skip
 
     # The load average says how shared the machine was while the numbers were taken.

@@ -134,6 +134,25 @@ def case_multi_lora():
     return _backward(layer(x, torch.tensor([2, 0, -1, 1, 2])))
 
 
+def case_multi_lora_paths():
+    # Every path forced once (grouped: CUTLASS grouped GEMM in bf16 plus the layout's gathers and
+    # scatters; bgmv: the decode forward), on aligned rows with mixed ranks, an unused adapter,
+    # rows with no adapter and dropout; bgmv is CUDA-only.
+    layer = fnn.MultiLoRALinear(_linear(128, 64, torch.bfloat16), dtype=torch.bfloat16)
+    for name, r in (("a", 8), ("b", 16), ("c", 3), ("unused", 8)):
+        layer.add_adapter(name, r=r, lora_alpha=2 * r, lora_dropout=0.1)
+    index = torch.tensor([2, 0, -1, 1, 2, 0], device=DEV)
+    out = None
+    for path in ("grouped", "bgmv") if DEV == "cuda" else ("grouped",):
+        os.environ["FASTPEFT_MULTI_LORA_PATH"] = path
+        try:
+            x = torch.randn(6, 9, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            out = _backward(layer(x, index))
+        finally:
+            os.environ.pop("FASTPEFT_MULTI_LORA_PATH")
+    return out
+
+
 def case_ia3():
     out_side = fnn.IA3Linear(_linear(77, 45), is_feedforward=False, num_tasks=5)
     ff = fnn.IA3Linear(_linear(77, 45), is_feedforward=True, num_tasks=5)

@@ -3,11 +3,15 @@
 //
 // The scaling is a pure streaming kernel: 128-bit loads and stores of x when rows allow it, the
 // [T, d] vectors read through the cache (they are small and every example of a task reuses them).
+// The reduction's first stage reads grad (and saved) with 128-bit loads too, when rows allow it.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
+
+#include <cstdint>
+#include <type_traits>
 
 #include "ia3/ia3.h"
 
@@ -48,44 +52,62 @@ scale_rows_kernel(const T* x, T* out, const V* __restrict__ vectors, const int64
   }
 }
 
-// Stage 1: block (64 column lanes x 4 row lanes) sums chunk c's rows for 64 columns.
+// Stage 1: block (64 column lanes x 4 row lanes) sums chunk c's rows for 64 * VEC columns, VEC
+// consecutive columns per thread moved as one 16-byte load (VEC > 1 only when d % VEC == 0 and
+// grad, saved, scaled_out are 16-byte aligned; the launcher checks).
 constexpr int kColLanes = 64;
 constexpr int kRowLanes = kThreads / kColLanes;
 
-template <typename T, typename V, bool HasSaved, bool WriteScaled>
+template <typename T, typename V, bool HasSaved, bool WriteScaled, int VEC>
 __global__ void __launch_bounds__(kThreads)
 reduce_chunks_kernel(const T* grad, const T* __restrict__ saved, const V* __restrict__ vectors,
                      const int64_t* __restrict__ ids, T* scaled_out, float* __restrict__ partial,
                      int64_t rows_per_example, int64_t chunks_per_example, int64_t rows_per_chunk,
                      int64_t num_tasks, int64_t d) {
-  __shared__ float s_acc[kRowLanes][kColLanes];
+  __shared__ float s_acc[kRowLanes][VEC][kColLanes];  // [row lane][element][column lane]: no bank conflicts
   const int64_t c = blockIdx.x;
   const int64_t b = c / chunks_per_example;
   const int64_t q = c - b * chunks_per_example;
   const int64_t row0 = b * rows_per_example + q * rows_per_chunk;
   const int64_t row1 = b * rows_per_example + min(rows_per_example, (q + 1) * rows_per_chunk);
   const int tx = threadIdx.x % kColLanes, ty = threadIdx.x / kColLanes;
-  const int64_t j = int64_t(blockIdx.y) * kColLanes + tx;
-  float acc = 0.0f;
+  const int64_t j = (int64_t(blockIdx.y) * kColLanes + tx) * VEC;  // first of this thread's columns
+  float acc[VEC] = {};
   // Checked even when only reducing: stage 2 would silently drop an example with a bad id.
   const int64_t task = task_of_example(ids, b, num_tasks);
   (void)task;  // unused when only reducing
   if (j < d) {
-    float l = 0.0f;
-    if (WriteScaled) l = static_cast<float>(vectors[task * d + j]);
+    float l[VEC] = {};
+    if (WriteScaled) {
+#pragma unroll
+      for (int u = 0; u < VEC; ++u) l[u] = static_cast<float>(vectors[task * d + j + u]);
+    }
     for (int64_t m = row0 + ty; m < row1; m += kRowLanes) {
-      const float g = static_cast<float>(grad[m * d + j]);
-      acc += HasSaved ? g * static_cast<float>(saved[m * d + j]) : g;
-      if (WriteScaled) scaled_out[m * d + j] = static_cast<T>(g * l);  // after the read: may alias grad
+      const Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(grad + m * d + j);
+      Pack<T, VEC> s;
+      if (HasSaved) s = *reinterpret_cast<const Pack<T, VEC>*>(saved + m * d + j);
+      Pack<T, VEC> scaled;
+#pragma unroll
+      for (int u = 0; u < VEC; ++u) {
+        const float gu = static_cast<float>(g.v[u]);
+        acc[u] += HasSaved ? gu * static_cast<float>(s.v[u]) : gu;
+        if (WriteScaled) scaled.v[u] = static_cast<T>(gu * l[u]);
+      }
+      // After the read: scaled_out may alias grad.
+      if (WriteScaled) *reinterpret_cast<Pack<T, VEC>*>(scaled_out + m * d + j) = scaled;
     }
   }
-  s_acc[ty][tx] = acc;
+#pragma unroll
+  for (int u = 0; u < VEC; ++u) s_acc[ty][u][tx] = acc[u];
   __syncthreads();
   if (ty == 0 && j < d) {
-    float sum = s_acc[0][tx];
 #pragma unroll
-    for (int r = 1; r < kRowLanes; ++r) sum += s_acc[r][tx];
-    partial[c * d + j] = sum;
+    for (int u = 0; u < VEC; ++u) {
+      float sum = s_acc[0][u][tx];
+#pragma unroll
+      for (int r = 1; r < kRowLanes; ++r) sum += s_acc[r][u][tx];
+      partial[c * d + j + u] = sum;
+    }
   }
 }
 
@@ -181,13 +203,24 @@ void ia3_task_reduce_cuda(const at::Tensor& grad, const at::Tensor& saved, const
     const V* vp = vectors.defined() ? vectors.data_ptr<V>() : nullptr;
     const T* sp = saved.defined() ? saved.data_ptr<T>() : nullptr;
     T* outp = scaled_out ? scaled_out->data_ptr<T>() : nullptr;
-    const dim3 grid1(static_cast<unsigned>(chunks), static_cast<unsigned>((d + kColLanes - 1) / kColLanes));
+    constexpr int kVec = 16 / sizeof(T);
+    const auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    const bool vec = d % kVec == 0 && aligned(grad.data_ptr()) && aligned(sp) && aligned(outp);
     auto stage1 = [&](auto has_saved, auto write_scaled) {
-      reduce_chunks_kernel<T, V, decltype(has_saved)::value, decltype(write_scaled)::value>
-          <<<grid1, kThreads, 0, stream>>>(grad.data_ptr<T>(), sp, vp, tasks.ids_ptr(), outp,
-                                           plan.partial.data_ptr<float>(), tasks.rows_per_example,
-                                           plan.chunks_per_example, plan.rows_per_chunk, tasks.num_tasks, d);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto launch = [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        const dim3 grid1(static_cast<unsigned>(chunks), static_cast<unsigned>((d + kColLanes * W - 1) / (kColLanes * W)));
+        reduce_chunks_kernel<T, V, decltype(has_saved)::value, decltype(write_scaled)::value, W>
+            <<<grid1, kThreads, 0, stream>>>(grad.data_ptr<T>(), sp, vp, tasks.ids_ptr(), outp,
+                                             plan.partial.data_ptr<float>(), tasks.rows_per_example,
+                                             plan.chunks_per_example, plan.rows_per_chunk, tasks.num_tasks, d);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (vec) {
+        launch(std::integral_constant<int, kVec>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
     };
     if (sp && outp) stage1(std::true_type{}, std::true_type{});
     else if (sp) stage1(std::true_type{}, std::false_type{});

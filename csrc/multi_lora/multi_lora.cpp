@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_plan(const at::Tensor& adapter_ind
   TORCH_CHECK(entries > 0 ? rows % entries == 0 : rows == 0, kPlanOp, ": adapter_index has ", entries,
               " entries, which must divide the ", rows, " rows of x (one index per example or per token)");
   const auto opts32 = adapter_index.options().dtype(at::kInt);
-  if (rows == 0) return {at::empty({0}, opts32), at::zeros({2, num_adapters + 1}, opts32)};
+  if (rows == 0) return {at::empty({0}, opts32), at::zeros({3, num_adapters + 1}, opts32)};
 
   const auto idx = adapter_index.reshape({-1});
   // The one host sync of a multi-LoRA batch: an index out of range would make the kernels read
@@ -67,9 +67,14 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_plan(const at::Tensor& adapter_ind
       at::searchsorted(sorted_keys, at::arange(num_adapters + 1, opts32), /*out_int32=*/true, /*right=*/false);
   const auto counts = segment_start.narrow(0, 1, num_adapters) - segment_start.narrow(0, 0, num_adapters);
   const auto tiles = at::floor_divide(counts + (kMultiLoraRowsPerTile - 1), kMultiLoraRowsPerTile);
+  const auto padded = at::floor_divide(counts + (kMultiLoraGroupAlign - 1), kMultiLoraGroupAlign) * kMultiLoraGroupAlign;
   auto tile_start = at::zeros({num_adapters + 1}, opts32);
-  if (num_adapters > 0) tile_start.narrow(0, 1, num_adapters).copy_(at::cumsum(tiles, 0));
-  return {std::get<1>(sorted).to(at::kInt), at::stack({segment_start, tile_start})};
+  auto group_start = at::zeros({num_adapters + 1}, opts32);
+  if (num_adapters > 0) {
+    tile_start.narrow(0, 1, num_adapters).copy_(at::cumsum(tiles, 0));
+    group_start.narrow(0, 1, num_adapters).copy_(at::cumsum(padded, 0));
+  }
+  return {std::get<1>(sorted).to(at::kInt), at::stack({segment_start, tile_start, group_start})};
 }
 
 // ---- validation ---------------------------------------------------------------------------------
@@ -134,8 +139,8 @@ RowPlan check_plan(const at::Tensor& x, int64_t num_adapters, const at::Tensor& 
   check_same_device(offsets, x, kOp, "offsets", "x");
   TORCH_CHECK(sorted_rows.dim() == 1 && sorted_rows.size(0) == rows, kOp, ": sorted_rows must be [", rows,
               "] (one entry per row of x), got ", sorted_rows.sizes(), "; the plan was made for another batch");
-  TORCH_CHECK(offsets.dim() == 2 && offsets.size(0) == 2 && offsets.size(1) == num_adapters + 1, kOp,
-              ": offsets must be [2, ", num_adapters + 1, "] for ", num_adapters, " adapters, got ", offsets.sizes(),
+  TORCH_CHECK(offsets.dim() == 2 && offsets.size(0) == 3 && offsets.size(1) == num_adapters + 1, kOp,
+              ": offsets must be [3, ", num_adapters + 1, "] for ", num_adapters, " adapters, got ", offsets.sizes(),
               "; the plan was made for another number of adapters");
   RowPlan plan;
   plan.sorted_rows = sorted_rows.contiguous();
@@ -171,16 +176,28 @@ bool has_work(const AdapterBank& bank, const RowPlan& plan) { return plan.rows >
 std::tuple<at::Tensor, at::Tensor> multi_lora_forward(const at::Tensor& x, const FrozenWeights& W,
                                                       const c10::optional<at::Tensor>& bias, const AdapterBank& bank,
                                                       const RowPlan& plan) {
-  const int64_t K = bank.in_features;
   const auto x2 = as_rows(x).contiguous();
   auto w = W.materialize(0, x.scalar_type(), x.device());
   auto out = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
   w = at::Tensor();  // release the workspace
   at::Tensor shrink;
   if (has_work(bank, plan)) {
-    const auto& k = kernels_for(x);
-    shrink = k.shrink(x2, bank, plan);
-    k.expand_(out, shrink, bank, plan);
+    switch (choose_multi_lora_path(x, bank, plan, /*backward=*/false)) {
+      case MultiLoraPath::kGrouped:
+        shrink = multi_lora_grouped_forward_(out, x2, bank, plan);
+        break;
+#ifdef FASTPEFT_WITH_CUDA
+      case MultiLoraPath::kBgmv:
+        shrink = multi_lora_bgmv_shrink_cuda(x2, bank, plan);
+        multi_lora_bgmv_expand_cuda_(out, shrink, bank, plan);
+        break;
+#endif
+      default: {
+        const auto& k = kernels_for(x);
+        shrink = k.shrink(x2, bank, plan);
+        k.expand_(out, shrink, bank, plan);
+      }
+    }
   } else {
     shrink = at::zeros({plan.rows, bank.max_rank}, x.options());
   }
@@ -211,12 +228,17 @@ Grads multi_lora_backward(const at::Tensor& grad_out, const at::Tensor& x, const
   bool any_adapter = false;
   for (const bool b : adapter_grads) any_adapter = any_adapter || b;
 
+  const bool grouped = work && choose_multi_lora_path(x, bank, plan, /*backward=*/true) == MultiLoraPath::kGrouped;
   Grads grads;
   at::Tensor grad_shrink;
-  if (work && (need[0] || any_adapter)) grad_shrink = kernels_for(x).grad_shrink(g2, bank, plan);
+  if (work && !grouped && (need[0] || any_adapter)) grad_shrink = kernels_for(x).grad_shrink(g2, bank, plan);
   std::vector<at::Tensor> gA(bank.size()), gB(bank.size());
   for (size_t i = 0; i < bank.size(); ++i) {
     if (!adapter_grads[i]) continue;
+    if (grouped) {  // a marker: the grouped backward replaces it by a slice of its stacked gradient
+      gA[i] = gB[i] = at::empty({0}, x.options());
+      continue;
+    }
     gA[i] = at::empty({bank.ranks[i], K}, x.options());
     gB[i] = at::empty({O, bank.ranks[i]}, x.options());
     if (!work) {
@@ -224,16 +246,24 @@ Grads multi_lora_backward(const at::Tensor& grad_out, const at::Tensor& x, const
       gB[i].zero_();
     }
   }
-  if (work && any_adapter) kernels_for(x).grad_adapters(g2, x2, shrink.contiguous(), grad_shrink, bank, plan, gA, gB);
+  at::Tensor gx;
+  if (need[0]) {
+    auto w = W.materialize(0, x.scalar_type(), x.device());
+    gx = at::mm(g2, w);
+  }
+  if (grouped) {
+    // One pass over the grouped layout serves grad_x and every adapter's gradients.
+    if (need[0] || any_adapter)
+      multi_lora_grouped_backward(g2, x2, shrink.contiguous(), bank, plan, need[0] ? &gx : nullptr, gA, gB);
+  } else if (work) {
+    if (any_adapter) kernels_for(x).grad_adapters(g2, x2, shrink.contiguous(), grad_shrink, bank, plan, gA, gB);
+    if (need[0]) kernels_for(x).grad_x_accum_(gx, grad_shrink, bank, plan);
+  }
   for (size_t i = 0; i < bank.size(); ++i) {
     grads.A.push_back(gA[i].defined() ? gA[i] : at::empty({0}, x.options()));
     grads.B.push_back(gB[i].defined() ? gB[i] : at::empty({0}, x.options()));
   }
   if (need[0]) {
-    auto w = W.materialize(0, x.scalar_type(), x.device());
-    auto gx = at::mm(g2, w);
-    w = at::Tensor();
-    if (work) kernels_for(x).grad_x_accum_(gx, grad_shrink, bank, plan);
     grads.x = gx.view(x.sizes());
   } else {
     grads.x = at::empty({0}, x.options());

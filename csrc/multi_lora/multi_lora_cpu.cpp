@@ -184,7 +184,89 @@ void grad_adapters_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at
   });
 }
 
+// ---- grouped layout (multi_lora_grouped.cpp) ----------------------------------------------------
+// One adapter's segment at a time (its rows: sorted_rows[seg[a] ..], its layout rows from grp[a]),
+// rows of a segment in parallel.
+
+template <typename Fn>
+void for_each_group(const RowPlan& plan, const Fn& fn) {
+  const int32_t* seg = plan.offsets[0].data_ptr<int32_t>();
+  const int32_t* grp = plan.offsets[2].data_ptr<int32_t>();
+  const int32_t* rows = plan.sorted_rows.data_ptr<int32_t>();
+  for (int64_t a = 0; a < plan.num_adapters; ++a) {
+    const int64_t len = seg[a + 1] - seg[a];
+    if (len > 0) fn(a, rows + seg[a], len, int64_t(grp[a]));
+  }
+}
+
+at::Tensor grouped_gather_cpu(const at::Tensor& src, int64_t cols, const AdapterBank& bank, const RowPlan& plan,
+                              bool dropout, bool scaled) {
+  TORCH_CHECK(src.is_contiguous() && src.dim() == 2, "multi_lora grouped gather: src must be a contiguous matrix");
+  auto out = at::zeros({plan.max_grouped_rows(), cols}, src.options());
+  const int64_t src_cols = src.size(1), copy = std::min(cols, src_cols);
+  FASTPEFT_DISPATCH_FLOAT(src.scalar_type(), "multi_lora_grouped_gather_cpu", [&] {
+    const scalar_t* s = src.data_ptr<scalar_t>();
+    scalar_t* d = out.data_ptr<scalar_t>();
+    for_each_group(plan, [&](int64_t a, const int32_t* rows, int64_t len, int64_t first) {
+      const DropoutMask* mask = dropout ? mask_of(bank, a) : nullptr;
+      const float scale = scaled ? static_cast<float>(bank.scalings[a]) : 1.0f;
+      at::parallel_for(0, len, grain_rows(copy), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t base = int64_t(rows[i]) * src_cols;
+          scalar_t* di = d + (first + i) * cols;
+          if (mask == nullptr && scale == 1.0f) {
+            std::copy(s + base, s + base + copy, di);
+          } else if (mask == nullptr) {
+            for (int64_t c = 0; c < copy; ++c) di[c] = static_cast<scalar_t>(scale * static_cast<float>(s[base + c]));
+          } else {
+            for (int64_t c = 0; c < copy; ++c)
+              di[c] = static_cast<scalar_t>(scale * mask->factor(uint64_t(base + c)) * static_cast<float>(s[base + c]));
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+void grouped_scatter_cpu(at::Tensor& dst, const at::Tensor& src, const AdapterBank& bank, const RowPlan& plan,
+                         bool accumulate, bool dropout, bool scaled) {
+  TORCH_CHECK(dst.is_contiguous() && src.dim() == 2 && src.stride(1) == 1 && src.size(1) >= dst.size(1),
+              "multi_lora grouped scatter: dst must be contiguous, src [P, >= ", dst.size(1), "] with unit column stride");
+  const int64_t cols = dst.size(1), src_stride = src.stride(0);
+  FASTPEFT_DISPATCH_FLOAT(dst.scalar_type(), "multi_lora_grouped_scatter_cpu", [&] {
+    scalar_t* d = dst.data_ptr<scalar_t>();
+    const scalar_t* s = src.data_ptr<scalar_t>();
+    for_each_group(plan, [&](int64_t a, const int32_t* rows, int64_t len, int64_t first) {
+      const DropoutMask* mask = dropout ? mask_of(bank, a) : nullptr;
+      const float scale = scaled ? static_cast<float>(bank.scalings[a]) : 1.0f;
+      at::parallel_for(0, len, grain_rows(cols), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t base = int64_t(rows[i]) * cols;
+          scalar_t* di = d + base;
+          const scalar_t* si = s + (first + i) * src_stride;
+          if (!accumulate) {
+            for (int64_t c = 0; c < cols; ++c) di[c] = static_cast<scalar_t>(scale * static_cast<float>(si[c]));
+          } else if (mask == nullptr) {
+            for (int64_t c = 0; c < cols; ++c)
+              di[c] = static_cast<scalar_t>(static_cast<float>(di[c]) + scale * static_cast<float>(si[c]));
+          } else {
+            for (int64_t c = 0; c < cols; ++c)
+              di[c] = static_cast<scalar_t>(static_cast<float>(di[c]) +
+                                            scale * mask->factor(uint64_t(base + c)) * static_cast<float>(si[c]));
+          }
+        }
+      });
+    });
+  });
+}
+
 }  // namespace
+
+const MultiLoraGroupedKernels& multi_lora_grouped_cpu_kernels() {
+  static const MultiLoraGroupedKernels kernels{grouped_gather_cpu, grouped_scatter_cpu};
+  return kernels;
+}
 
 const MultiLoraKernels& multi_lora_cpu_kernels() {
   static const MultiLoraKernels kernels{shrink_cpu, expand_cpu, grad_shrink_cpu, grad_x_accum_cpu,

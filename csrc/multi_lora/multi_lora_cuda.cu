@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "multi_lora/multi_lora.h"
+#include "multi_lora/multi_lora_table.cuh"
 
 namespace fastpeft {
 namespace {
@@ -38,80 +39,6 @@ static_assert(kTile == kMultiLoraRowsPerTile, "row tiles must match the plan's t
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                \
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)             \
                                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-struct AdapterEntry {
-  const void* A;        // [rank, K]
-  const void* B;        // [O, rank]
-  void* grad_A;         // [rank, K], null when not wanted
-  void* grad_B;         // [O, rank], null when not wanted
-  int64_t rank_offset;  // sum of the ranks of the adapters before this one
-  int32_t rank;
-  float scaling;
-  DropoutMask dropout;
-};
-static_assert(sizeof(AdapterEntry) == 64, "AdapterEntry layout");
-
-struct DevicePlan {
-  const int32_t* sorted_rows;    // [M]
-  const int32_t* segment_start;  // [N + 1]
-  const int32_t* tile_start;     // [N + 1]
-  int32_t num_adapters;
-};
-
-DevicePlan device_plan(const RowPlan& plan) {
-  const int32_t* offsets = plan.offsets.data_ptr<int32_t>();
-  return {plan.sorted_rows.data_ptr<int32_t>(), offsets, offsets + plan.num_adapters + 1,
-          static_cast<int32_t>(plan.num_adapters)};
-}
-
-// The adapter table on the device. The pinned staging buffer is recycled by PyTorch's host
-// allocator only after the copy (queued on the current stream) has run.
-at::Tensor upload_table(const AdapterBank& bank, const std::vector<at::Tensor>* grad_A,
-                        const std::vector<at::Tensor>* grad_B, at::Device device) {
-  const int64_t n = static_cast<int64_t>(bank.size());
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(AdapterEntry));
-  auto host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  auto* entries = reinterpret_cast<AdapterEntry*>(host.data_ptr());
-  for (int64_t i = 0; i < n; ++i) {
-    AdapterEntry e;
-    e.A = bank.A[i].data_ptr();
-    e.B = bank.B[i].data_ptr();
-    e.grad_A = (grad_A && (*grad_A)[i].defined()) ? (*grad_A)[i].data_ptr() : nullptr;
-    e.grad_B = (grad_B && (*grad_B)[i].defined()) ? (*grad_B)[i].data_ptr() : nullptr;
-    e.rank_offset = bank.rank_offsets[i];
-    e.rank = static_cast<int32_t>(bank.ranks[i]);
-    e.scaling = static_cast<float>(bank.scalings[i]);
-    e.dropout = bank.dropout[i];
-    entries[i] = e;
-  }
-  auto table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  table.copy_(host, /*non_blocking=*/true);
-  return table;
-}
-
-const at::Tensor& table_of(const AdapterBank& bank, at::Device device) {
-  if (!bank.device_table.defined()) bank.device_table = upload_table(bank, nullptr, nullptr, device);
-  return bank.device_table;
-}
-
-const AdapterEntry* table_ptr(const at::Tensor& table) {
-  return reinterpret_cast<const AdapterEntry*>(table.data_ptr());
-}
-
-// The adapter whose tiles include `tile`: the largest a with tile_start[a] <= tile (adapters with
-// no rows have tile_start[a] == tile_start[a + 1] and are skipped by taking the largest).
-__device__ __forceinline__ int adapter_of_tile(const int32_t* tile_start, int n, int32_t tile) {
-  int lo = 0, hi = n;  // tile_start[lo] <= tile < tile_start[hi]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (tile_start[mid] <= tile) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
 
 __device__ __forceinline__ void multiply_tiles(const float (*a_tile)[kTile + 4], const float (*b_tile)[kTile + 4],
                                                float (&acc)[4][4], int tx, int ty) {
@@ -142,7 +69,7 @@ row_tiled_kernel(Op op, const AdapterEntry* __restrict__ table, DevicePlan plan,
   const int32_t tile = static_cast<int32_t>(blockIdx.x);
   // Block-uniform exits only (before any __syncthreads).
   if (tile >= plan.tile_start[plan.num_adapters]) return;
-  const int a = adapter_of_tile(plan.tile_start, plan.num_adapters, tile);
+  const int a = segment_of(plan.tile_start, plan.num_adapters, tile);  // the adapter owning this tile
   const AdapterEntry e = table[a];
   const int64_t cols = op.cols(e);
   const int64_t j0 = int64_t(blockIdx.y) * kTile;

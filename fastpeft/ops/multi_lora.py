@@ -4,17 +4,31 @@
 ``a = adapter_index`` of row m (an example or a token); index -1 means the base layer alone.
 
 The op is ``torch.ops.fastpeft.multi_lora_linear``, over a frozen W of any format (dense,
-bitsandbytes NF4/FP4 or int8; ``fastpeft.quant.frozen_weight_args``). The base GEMM runs once for the whole batch; the low-rank parts run as
-segment GEMMs over the rows grouped by adapter (punica's SGMV), accumulated into the base output in
-place. Adapters are separate tensors of any ranks, read through a table of pointers: nothing is
-stacked or padded in memory, and adding or removing an adapter is a list edit.
+bitsandbytes NF4/FP4 or int8; ``fastpeft.quant.frozen_weight_args``). The base GEMM runs once for
+the whole batch; the low-rank parts run on one of three paths, chosen per call from host-known
+facts (device, dtype, shapes, rows per adapter), accumulated into the base output:
+
+- *segment*: GEMMs over the rows grouped by adapter (punica's SGMV; on the CPU one MKL GEMM per
+  adapter's rows). Adapters are read where they are, through a table of pointers. Every dtype and
+  shape; the CPU's path, and CUDA's for float32/float16.
+- *grouped* (CUDA, bfloat16 on sm90/sm100, in/out features multiples of 8, >= 32 rows per adapter
+  on average): rows gathered into a layout padded per adapter to 8 rows, the bank stacked per call
+  (zero-padded to the largest rank), every GEMM one ``torch._grouped_mm`` (CUTLASS, tensor cores)
+  with the offsets read on the device, rows scattered back with the scaling and dropout mask fused.
+- *bgmv* (CUDA forward with <= 4 rows per adapter on average, i.e. decode): one row per block,
+  16-byte loads of x and of the adapter rows it uses; its backward runs the segment kernels.
+
+``FASTPEFT_MULTI_LORA_PATH=segment|grouped|bgmv`` forces a path (the tests run each; forcing
+grouped where ``_grouped_mm`` has no device kernel runs ATen's per-group fallback, which reads the
+offsets back to the host). The thresholds are design estimates until measured on a GPU
+(``benchmarks/bench_multi_lora.py`` times the paths side by side).
 
 The grouping is a ``MultiLoRAPlan`` made by ``plan_multi_lora`` (one sort on the device and one
 host sync that validates the indices). Make it once per batch and pass it to every layer; passing
 a plain index tensor makes a plan per call.
 
 Saved for backward: x, the [M, r_max] shrink output (padded to the largest rank of the bank, since
-the ragged size depends on device data the host never reads), and the plan (int32, M + 2 (N + 1)
+the ragged size depends on device data the host never reads), and the plan (int32, M + 3 (N + 1)
 entries, shared by every layer that uses it), with dropout the 8-byte seed, and references to the
 adapters and the frozen weight. Not saved: the dequantized weight, dropout masks,
 any copy of the base output. Gradients of the adapters are reduced over the rows that used each
@@ -42,8 +56,9 @@ class MultiLoRAPlan:
     """Rows of one batch grouped by adapter, on the device of the batch.
 
     ``sorted_rows`` (int32 [rows]) lists row ids adapter by adapter, rows with no adapter last;
-    ``offsets`` (int32 [2, num_adapters + 1]) holds each adapter's segment start in
-    ``sorted_rows`` and the number of 64-row tiles before it (the CUDA kernels' work list).
+    ``offsets`` (int32 [3, num_adapters + 1]) holds each adapter's segment start in
+    ``sorted_rows``, the number of 64-row tiles before it (the CUDA segment kernels' work list), and
+    its start in the grouped layout (segments padded to multiples of 8 rows: grouped-GEMM offsets).
     """
 
     sorted_rows: torch.Tensor
@@ -67,7 +82,7 @@ def plan_multi_lora(adapter_index: torch.Tensor, rows: int, num_adapters: int) -
 def _(adapter_index, rows, num_adapters):
     return (
         adapter_index.new_empty((rows,), dtype=torch.int32),
-        adapter_index.new_empty((2, num_adapters + 1), dtype=torch.int32),
+        adapter_index.new_empty((3, num_adapters + 1), dtype=torch.int32),
     )
 
 

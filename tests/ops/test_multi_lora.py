@@ -81,6 +81,77 @@ def test_matches_reference(device, dtype, case, kind, dropout):
         assert_error_within(got, ref, ref32)
 
 
+def _check_against_reference(y, grads, x, weight, bias, As, Bs, scalings, index, p, seed, g):
+    dtype = x.dtype
+    y_ref, grads_ref = run(multi_lora_linear_reference, x, weight, bias, As, Bs, scalings, index, p, seed, g)
+    if dtype == torch.float32:
+        return assert_all_close((y, grads), (y_ref, grads_ref))
+    up = lambda ts: [leaf(t.detach().float()) for t in ts]  # noqa: E731
+    x32, (b32,), As32, Bs32 = up([x])[0], up([bias]), up(As), up(Bs)
+    w32 = dense_weight_reference(weight, dtype).float()
+    y32, grads32 = run(multi_lora_linear_reference, x32, w32, b32, As32, Bs32, scalings, index, p, seed, g.float())
+    assert_error_within(y, y_ref, y32)
+    for got, ref, ref32 in zip(grads, grads_ref, grads32):
+        assert_error_within(got, ref, ref32)
+
+
+# Each path of the op, forced (FASTPEFT_MULTI_LORA_PATH), against the reference. The grouped path
+# runs on the CPU too (ATen's _grouped_mm loops over the groups there), so its layout, gathers and
+# scatters are tested on every machine; bgmv is a CUDA forward (its backward is the segment path).
+PATHS = ["grouped", pytest.param("bgmv", marks=pytest.mark.cuda), "segment"]
+# (lead, in, out, ranks, index): aligned rows (the grouped GEMM needs 16-byte rows), mixed ranks
+# (padded to 8 when stacked), rows with no adapter, an adapter no row uses, segments of 1..40 rows.
+PATH_CASES = [
+    ((6, 7), 64, 40, [8, 16, 3], torch.tensor([2, 0, -1, 2, 0, 2])),  # adapter 1 unused
+    ((45,), 128, 96, [16, 16], None),  # uniform ranks: the bank is one stack
+    ((3,), 32, 16, [4, 64, 1], torch.tensor([1, 1, 2])),  # decode-like: a row or two per adapter
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", range(len(PATH_CASES)))
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_each_path_matches_reference(device, dtype, path, case, dropout, monkeypatch):
+    if path == "bgmv" and device == "cpu":
+        pytest.skip("bgmv is a CUDA kernel")
+    monkeypatch.setenv("FASTPEFT_MULTI_LORA_PATH", path)
+    lead, in_f, out_f, ranks, index = PATH_CASES[case]
+    torch.manual_seed(case)
+    index = torch.randint(-1, len(ranks), lead[:1]) if index is None else index
+    x = leaf(torch.randn(*lead, in_f, dtype=dtype, device=device))
+    weight = make_weight("dense", out_f, in_f, dtype, device)
+    bias = leaf(torch.randn(out_f, dtype=dtype, device=device))
+    As, Bs = make_bank(ranks, in_f, out_f, dtype, device)
+    scalings = [0.5 + i for i in range(len(ranks))]
+    p = [dropout * (i % 2 == 0) for i in range(len(ranks))]
+    seed = torch.tensor([7])
+    g = torch.randn(*lead, out_f, dtype=dtype, device=device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y, grads = run(multi_lora_linear, x, weight, bias, As, Bs, scalings, index.to(device), p, seed, g)
+    grouped_gemms = sum(e.count for e in prof.key_averages() if e.key == "aten::_grouped_mm")
+    assert grouped_gemms == (6 if path == "grouped" else 0)  # 2 forward, 4 backward: the path really ran
+    _check_against_reference(y, grads, x, weight, bias, As, Bs, scalings, index.to(device), p, seed, g)
+    if case == 0:  # the unused adapter's gradients are zeros, not whatever the GEMM left there
+        assert torch.count_nonzero(grads[2]) == 0 and torch.count_nonzero(grads[5]) == 0
+
+
+def test_grouped_path_refuses_unaligned_rows_and_bad_path_names(monkeypatch):
+    x = torch.randn(4, 30)
+    As, Bs = make_bank([4], 30, 16, torch.float32, "cpu")
+    W = torch.randn(16, 30)
+    monkeypatch.setenv("FASTPEFT_MULTI_LORA_PATH", "grouped")
+    with pytest.raises(RuntimeError, match=r"grouped needs in_features \(30\) and out_features \(16\) to be"):
+        multi_lora_linear(x, W, None, As, Bs, [1.0], torch.zeros(4, dtype=torch.int64))
+    monkeypatch.setenv("FASTPEFT_MULTI_LORA_PATH", "fastest")
+    with pytest.raises(RuntimeError, match="FASTPEFT_MULTI_LORA_PATH must be auto, segment, grouped or bgmv"):
+        multi_lora_linear(x, W, None, As, Bs, [1.0], torch.zeros(4, dtype=torch.int64))
+    monkeypatch.setenv("FASTPEFT_MULTI_LORA_PATH", "bgmv")
+    with pytest.raises(RuntimeError, match="bgmv is a CUDA kernel"):
+        multi_lora_linear(x, W, None, As, Bs, [1.0], torch.zeros(4, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("kind", ["dense", "nf4-nested", "int8"])
 def test_mixed_batch_equals_each_example_alone(device, kind):
@@ -137,10 +208,11 @@ def test_one_adapter_with_dropout_equals_lora_linear(device, dtype):
 def test_plan_groups_rows_and_is_reusable(device):
     index = torch.tensor([[2, 0], [-1, 2], [0, 0]], device=device)  # per token of x [3, 2, in]
     plan = plan_multi_lora(index, rows=6, num_adapters=3)
-    assert plan.sorted_rows.dtype == torch.int32 and plan.offsets.shape == (2, 4)
+    assert plan.sorted_rows.dtype == torch.int32 and plan.offsets.shape == (3, 4)
     assert plan.sorted_rows.tolist() == [1, 4, 5, 0, 3, 2]  # adapter 0, (1: none), 2, then no adapter
     assert plan.offsets[0].tolist() == [0, 3, 3, 5]
     assert plan.offsets[1].tolist() == [0, 1, 1, 2]  # 64-row tiles before each adapter
+    assert plan.offsets[2].tolist() == [0, 8, 8, 16]  # grouped layout: segments padded to 8 rows
     # One plan serves every layer of the batch; a per-example index plans like its expansion.
     x = torch.randn(3, 2, 16, device=device)
     As, Bs = make_bank([2, 3, 4], 16, 8, torch.float32, device)
@@ -232,7 +304,7 @@ def test_saved_for_backward_is_x_shrink_and_plan(kind, dropout):
     saved, shapes, y = saved_tensor_bytes(
         lambda: multi_lora_linear(x, weight, None, As, Bs, [1.0] * 3, index, dropout, torch.tensor([5])), exclude=frozen
     )
-    plan_bytes = M * 4 + 2 * (len(ranks) + 1) * 4
+    plan_bytes = M * 4 + 3 * (len(ranks) + 1) * 4
     seed_bytes = 8 if dropout else 0
     # x, the [M, max rank] shrink, the int32 plan, the dropout seed: nothing of size M x out, no weight
     assert saved == x.numel() * 4 + M * max(ranks) * 4 + plan_bytes + seed_bytes, shapes
@@ -332,7 +404,7 @@ def test_bad_input_errors_name_the_argument():
     with pytest.raises(ValueError, match="the plan was made for 4 rows and 2 adapters, but x has 5 rows"):
         multi_lora_linear(torch.randn(5, 32), W, None, As, Bs, [1.0, 1.0], plan)
     ops = torch.ops.fastpeft
-    with pytest.raises(RuntimeError, match=r"offsets must be \[2, 2\] for 1 adapters"):
+    with pytest.raises(RuntimeError, match=r"offsets must be \[3, 2\] for 1 adapters"):
         ops.multi_lora_linear(x, "dense", [W], [], None, As[:1], Bs[:1], [1.0], [0.0], None, plan.sorted_rows, plan.offsets)
     with pytest.raises(RuntimeError, match="dropout_p > 0 needs a seed"):
         ops.multi_lora_linear(x, "dense", [W], [], None, As, Bs, [1.0, 1.0], [0.5, 0.0], None, plan.sorted_rows, plan.offsets)
