@@ -13,7 +13,7 @@ export MAX_JOBS
 # measures on) keeps the first `make run` short. Set TORCH_CUDA_ARCH_LIST to override.
 TORCH_CUDA_ARCH_LIST ?= $(shell nvidia-smi -L >/dev/null 2>&1 || echo 9.0)
 export TORCH_CUDA_ARCH_LIST
-SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.built
 METHOD ?= lora

@@ -1,5 +1,6 @@
 """LoRA linear: fastpeft vs HF peft vs the plain-PyTorch reference vs the bare frozen linear; and
-DoRA (use_dora=True) on fastpeft's fused op vs peft's DoRA layer.
+DoRA (use_dora=True) on fastpeft's fused op vs peft's DoRA layer, without and with lora_dropout
+(the -drop providers: the dropout mask regenerated from a seed, fastpeft's dropout_apply ops).
 
 The floor is the frozen layer alone (forward + input gradient), what any LoRA layer must pay.
 Times are medians (p20/p80 in the JSON) of forward, backward (after an untimed forward) and both.
@@ -36,6 +37,7 @@ PRESETS = {
     "quick": dict(shapes=[(256, 512)], tokens=[128], ranks=[16], dtype="float32"),
 }
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DORA_DROPOUT = 0.1  # the -drop rows: DoRA with lora_dropout, fastpeft's dropout_apply pieces in the step
 
 
 def headline(kinds, dtype, dora=True):
@@ -51,7 +53,9 @@ def headline(kinds, dtype, dora=True):
             {"what": f"DoRA linear fwd+bwd, {'NF4' if kind == 'nf4' else kind} base, {SHORT_DTYPE.get(dtype, dtype)}",
              "where": {"mode": "fwd+bwd", "base": kind},
              "cells": [{"text": "{}x vs peft's DoRA", "values": [{"ratio": ["peft-dora", "fastpeft-dora"]}]},
-                       {"text": "{}x fastpeft's LoRA (target <= 1.25)", "values": [{"ratio": ["fastpeft-dora", "fastpeft"]}]}]}
+                       {"text": "{}x fastpeft's LoRA (target <= 1.25)", "values": [{"ratio": ["fastpeft-dora", "fastpeft"]}]},
+                       {"text": f"with lora_dropout {DORA_DROPOUT}: " + "{}x vs peft's DoRA",
+                        "values": [{"ratio": ["peft-dora-drop", "fastpeft-dora-drop"]}]}]}
             for kind in kinds if dora]  # fmt: skip
 
 
@@ -59,26 +63,28 @@ def make_base(kind, in_f, out_f, dtype, device):
     return common.make_linear_base(kind, in_f, out_f, dtype, device, bias=False)
 
 
-def dora_providers(kind, base, r, like):
-    """fastpeft's and peft's DoRA layers from the same weights (``like``: the LoRA layer to copy A, B from)."""
-    ours = LoRALinear(copy.deepcopy(base), r=r, lora_alpha=2 * r, use_dora=True)
+def dora_providers(kind, base, r, like, dropout=0.0):
+    """fastpeft's and peft's DoRA layers from the same weights (``like``: the LoRA layer to copy A, B
+    from), in training mode; with ``dropout`` > 0 the names end in ``-drop``."""
+    suffix = "-drop" if dropout > 0 else ""
+    ours = LoRALinear(copy.deepcopy(base), r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=True).train()
     with torch.no_grad():
         ours.lora_A.weight.copy_(like.lora_A.weight)
         ours.lora_B.weight.copy_(like.lora_B.weight)
-    out = {"fastpeft-dora": (ours, [ours.lora_A.weight, ours.lora_B.weight, ours.lora_magnitude_vector],
-                             list(ours.base_layer.parameters()))}  # fmt: skip
+    out = {f"fastpeft-dora{suffix}": (ours, [ours.lora_A.weight, ours.lora_B.weight, ours.lora_magnitude_vector],
+                                      list(ours.base_layer.parameters()))}  # fmt: skip
     try:
         import peft
 
         wrapper = common.OneLayer(copy.deepcopy(base))
         wrapper.is_loaded_in_4bit = kind != "dense"
-        config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], use_dora=True)
-        layer = peft.get_peft_model(wrapper, config).base_model.model.proj
+        config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"], use_dora=True)
+        layer = peft.get_peft_model(wrapper, config).base_model.model.proj.train()
         with torch.no_grad():
             layer.lora_A["default"].weight.copy_(ours.lora_A.weight)
             layer.lora_B["default"].weight.copy_(ours.lora_B.weight)
         trainable = [p for p in layer.parameters() if p.requires_grad]
-        out["peft-dora"] = (layer, trainable, [p for p in layer.parameters() if not p.requires_grad])
+        out[f"peft-dora{suffix}"] = (layer, trainable, [p for p in layer.parameters() if not p.requires_grad])
     except ImportError:
         pass
     return out
@@ -117,6 +123,7 @@ def providers(kind, base, r, dtype, dora=True):
         out["reference"] = (ref, [A, B], [ours.base_layer.weight])
     if dora:
         out.update(dora_providers(kind, base, r, ours))
+        out.update(dora_providers(kind, base, r, ours, DORA_DROPOUT))
     return out
 
 
