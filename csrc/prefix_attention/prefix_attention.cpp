@@ -1,13 +1,17 @@
 // Prefix-KV attention op bodies: validate, run the sequence part and the prefix part through
-// PyTorch's fused attention and merge them by log-sum-exp (prefix_part.cpp), on every device.
+// PyTorch's fused attention and merge them by log-sum-exp (prefix_part.cpp), on every device; on
+// the CPU, where causality saves the kernel nothing, one fused call over [prefix; keys] instead
+// (joint_attention_cpu.cpp).
 //
-// Memory rules: never [prefix; keys]. Forward allocates the output
+// Memory rules: [prefix; keys] is never saved (the CPU's joint path builds it inside forward and
+// again inside backward; the split path never builds it). Forward allocates the output
 // (or merges in place into the sequence kernel's output) and an fp32 [B, H, Sq] log-sum-exp.
 // Backward needs q, k, v, the prefix bank, the index, the mask, out and lse: what a flash
 // attention backward needs, plus the (small) bank.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
 
@@ -167,6 +171,13 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention(const at::Tensor& q, const a
   at::Tensor seq_out, seq_lse, out;
   if (s.Skv > 0) {
     const auto mask = prepare_sequence_mask(attention_mask, causal, s, q);
+    if (joint_cpu_applies(q, s, mask.causal_flag)) {
+      auto [joint_out, joint_lse] = joint_cpu_forward(qc, last_dim_contiguous(k), last_dim_contiguous(v),
+                                                      prefix_k.contiguous(), prefix_v.contiguous(),
+                                                      index_on(prefix_index, q.device()), mask, s, scale);
+      out = has_output_layout(joint_out, s) ? joint_out : empty_output(s, q).copy_(joint_out);
+      return {out, joint_lse.contiguous()};
+    }
     auto seq = sequence_attention_forward(qc, last_dim_contiguous(k), last_dim_contiguous(v), mask, scale);
     seq_out = seq.out;
     seq_lse = seq.lse;
@@ -179,6 +190,20 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention(const at::Tensor& q, const a
   prefix_merge_forward(qc, seq_out, seq_lse, prefix_k.contiguous(), prefix_v.contiguous(),
                        index_on(prefix_index, q.device()), scale, out, lse);
   return {out, lse};
+}
+
+// The op's gradient outputs: each in its input's dtype and layout, an empty tensor where
+// output_mask did not ask for it, zeros for an empty batch.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradients(
+    const c10::List<bool>& output_mask, bool empty, std::array<at::Tensor, 5> grads, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v) {
+  auto result = [&](size_t i, const at::Tensor& input) {
+    if (!output_mask[i]) return at::empty({0}, input.options());
+    if (empty) return at::zeros_like(input);
+    const auto& grad = grads[i];
+    return in_layout_of(grad.scalar_type() == input.scalar_type() ? grad : grad.to(input.scalar_type()), input);
+  };
+  return {result(0, q), result(1, k), result(2, v), result(3, prefix_k), result(4, prefix_v)};
 }
 
 // output_mask: [q, k, v, prefix_k, prefix_v]; gradients not asked for come back as empty tensors.
@@ -206,6 +231,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 
   at::Tensor grad_q, grad_k, grad_v, grad_pk, grad_pv;
   const bool empty = s.B * s.H * s.Sq == 0;
+  if (need_bank) {
+    grad_pk = at::zeros(prefix_k.sizes(), prefix_k.options().dtype(at::kFloat));
+    grad_pv = at::zeros(prefix_v.sizes(), prefix_v.options().dtype(at::kFloat));
+  }
+  if (!empty && s.Skv > 0) {
+    const auto mask = prepare_sequence_mask(attention_mask, causal, s, q);
+    if (joint_cpu_applies(q, s, mask.causal_flag)) {  // one backward call computes every gradient
+      std::tie(grad_q, grad_k, grad_v) = joint_cpu_backward(
+          last_dim_contiguous(grad_out), last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v),
+          prefix_k.contiguous(), prefix_v.contiguous(), index_on(prefix_index, q.device()), mask, s,
+          last_dim_contiguous(out), lse.contiguous(), scale, grad_pk, grad_pv);
+      return gradients(output_mask, empty, {grad_q, grad_k, grad_v, grad_pk, grad_pv}, q, k, v, prefix_k, prefix_v);
+    }
+  }
   if ((need_q || need_k || need_v) && !empty) {
     if (s.Skv > 0) {
       const auto mask = prepare_sequence_mask(attention_mask, causal, s, q);
@@ -220,25 +259,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
       grad_v = at::zeros_like(v);
     }
   }
-  if (need_bank) {
-    grad_pk = at::zeros(prefix_k.sizes(), prefix_k.options().dtype(at::kFloat));
-    grad_pv = at::zeros(prefix_v.sizes(), prefix_v.options().dtype(at::kFloat));
-  }
   if ((need_q || need_bank) && !empty && s.P > 0) {
     at::Tensor grad_q_prefix = need_q ? grad_q : at::Tensor();
     prefix_backward(last_dim_contiguous(grad_out), last_dim_contiguous(q), last_dim_contiguous(out), lse.contiguous(),
                     prefix_k.contiguous(), prefix_v.contiguous(), index_on(prefix_index, q.device()), scale,
                     grad_q_prefix, grad_pk, grad_pv);
   }
-
-  auto none = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
-  auto result = [&](bool needed, const at::Tensor& grad, const at::Tensor& input) {
-    if (!needed) return none(input);
-    if (empty) return at::zeros_like(input);
-    return in_layout_of(grad.scalar_type() == input.scalar_type() ? grad : grad.to(input.scalar_type()), input);
-  };
-  return {result(need_q, grad_q, q), result(need_k, grad_k, k), result(need_v, grad_v, v),
-          result(output_mask[3], grad_pk, prefix_k), result(output_mask[4], grad_pv, prefix_v)};
+  return gradients(output_mask, empty, {grad_q, grad_k, grad_v, grad_pk, grad_pv}, q, k, v, prefix_k, prefix_v);
 }
 
 }  // namespace

@@ -68,6 +68,40 @@ void prefix_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::
                      const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& prefix_index,
                      double scale, at::Tensor& grad_q, at::Tensor& grad_prefix_k, at::Tensor& grad_prefix_v);
 
+// Each example's prefix set [B, Hkv, P, D] from the bank: a stride-0 view of set 0 on the CPU when
+// prefix_index is undefined (a shared prefix), else a row gather.
+at::Tensor prefix_per_example(const at::Tensor& bank, const at::Tensor& prefix_index, int64_t B);
+
+// into[n] += sum of per_example[b] over the examples b of set n, in float32 (into: fp32 [N, ...]);
+// a GEMM with the one-hot assignment, fixed order, no atomics.
+void add_prefix_grad_per_set(const at::Tensor& per_example, const at::Tensor& prefix_index, at::Tensor& into);
+
+// ---- the CPU's one-call path (joint_attention_cpu.cpp) -------------------------------------------
+//
+// On the CPU, while causality saves the fused kernel no work (it skips key blocks of 512 past the
+// diagonal, so not at all for Skv <= 512, and never without causality), one fused call over
+// [prefix; keys] with the mask extended by P visible columns is faster than the two calls of the
+// split: the split pays a second kernel launch over all of q and a backward over P keys that the
+// CPU kernel runs at a fraction of its throughput. [prefix; keys] exists only inside forward and
+// inside backward (rebuilt there); it is never saved.
+// FASTPEFT_PREFIX_CPU_PATH=split|joint forces one path (tests run both).
+// causal_flag: the sequence mask's (SequenceMask::causal_flag), the causality the fused kernel could exploit.
+bool joint_cpu_applies(const at::Tensor& q, const PrefixShape& s, bool causal_flag);
+
+// (out, lse) of the joint softmax over each example's prefix and its sequence keys.
+std::tuple<at::Tensor, at::Tensor> joint_cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                                     const at::Tensor& prefix_index, const SequenceMask& mask,
+                                                     const PrefixShape& s, double scale);
+
+// grad_q, grad_k, grad_v; grad_prefix_k/v (fp32 [N, Hkv, P, D] zeros, or both undefined) receive
+// the per-set sums.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> joint_cpu_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& prefix_index, const SequenceMask& mask,
+    const PrefixShape& s, const at::Tensor& out, const at::Tensor& lse, double scale, at::Tensor& grad_prefix_k,
+    at::Tensor& grad_prefix_v);
+
 // The CPU merge: L = logaddexp(L1, L2), O = exp(L1 - L) O1 + exp(L2 - L) O2 per row (pre_out
 // undefined: no prefix). out may alias seq_out.
 void prefix_merge_rows_cpu(const at::Tensor& seq_out, const at::Tensor& seq_lse, const at::Tensor& pre_out,

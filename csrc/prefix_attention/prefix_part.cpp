@@ -20,9 +20,6 @@
 #include "prefix_attention/prefix_attention.h"
 
 namespace fastpeft {
-namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 at::Tensor prefix_per_example(const at::Tensor& bank, const at::Tensor& prefix_index, int64_t B) {
   if (!prefix_index.defined()) {
@@ -32,6 +29,22 @@ at::Tensor prefix_per_example(const at::Tensor& bank, const at::Tensor& prefix_i
   return at::embedding(bank.reshape({bank.size(0), -1}), prefix_index)
       .view({B, bank.size(1), bank.size(2), bank.size(3)});
 }
+
+void add_prefix_grad_per_set(const at::Tensor& per_example, const at::Tensor& prefix_index, at::Tensor& into) {
+  const int64_t B = per_example.size(0), N = into.size(0);
+  if (!prefix_index.defined()) {  // one set: a sum over the batch, read in place (no copy of a strided slice)
+    into.select(0, 0).add_(at::sum(per_example, {0}, /*keepdim=*/false, at::kFloat));
+    return;
+  }
+  const auto flat = per_example.reshape({B, -1}).to(at::kFloat);
+  const auto sets = at::arange(N, prefix_index.options()).unsqueeze(1);
+  const auto onehot = sets.eq(prefix_index.unsqueeze(0)).to(at::kFloat);  // [N, B]
+  into.view({N, -1}).addmm_(onehot, flat);
+}
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The merge in ATen ops (CUDA and other devices; the CPU has a one-pass kernel).
 void merge_aten(const at::Tensor& seq_out, const at::Tensor& seq_lse, const at::Tensor& pre_out,
@@ -71,24 +84,14 @@ void prefix_merge_forward(const at::Tensor& q, const at::Tensor& seq_out, const 
 void prefix_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
                      const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& prefix_index,
                      double scale, at::Tensor& grad_q, at::Tensor& grad_prefix_k, at::Tensor& grad_prefix_v) {
-  const int64_t B = q.size(0), N = prefix_k.size(0);
+  const int64_t B = q.size(0);
   const auto pk = prefix_per_example(prefix_k, prefix_index, B);
   const auto pv = prefix_per_example(prefix_v, prefix_index, B);
   auto [dq, dk, dv] = sequence_attention_backward(grad_out, q, pk, pv, SequenceMask{}, out, lse, scale);
   if (grad_q.defined()) grad_q.add_(dq);
   if (!grad_prefix_k.defined()) return;  // the bank gradients come as a pair or not at all
-  auto per_set = [&](const at::Tensor& per_example, at::Tensor& into) {
-    const auto flat = per_example.reshape({B, -1}).to(at::kFloat);
-    if (!prefix_index.defined()) {
-      into.view({N, -1}).select(0, 0).add_(flat.sum(0));
-    } else {
-      const auto sets = at::arange(N, prefix_index.options()).unsqueeze(1);
-      const auto onehot = sets.eq(prefix_index.unsqueeze(0)).to(at::kFloat);  // [N, B]
-      into.view({N, -1}).addmm_(onehot, flat);
-    }
-  };
-  per_set(dk, grad_prefix_k);
-  per_set(dv, grad_prefix_v);
+  add_prefix_grad_per_set(dk, prefix_index, grad_prefix_k);
+  add_prefix_grad_per_set(dv, prefix_index, grad_prefix_v);
 }
 
 }  // namespace fastpeft

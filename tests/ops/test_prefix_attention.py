@@ -278,17 +278,68 @@ def test_saved_tensors_hold_no_repeated_prefix(device):
     assert max(saved_tensor_sizes(prefix_attention_reference, inputs)) >= repeated_prefix_bytes()
 
 
-def test_no_repeated_prefix_allocated_cpu():
-    """A shared prefix reaches the fused CPU kernel as an expanded view: forward allocates no
-    per-example copy. Backward's largest transient is the fused kernel's per-example prefix gradient
-    (one repeated prefix, summed per set and freed), never [prefix; keys], which concat + SDPA builds
-    in forward and saves for backward."""
+def test_no_repeated_prefix_allocated_cpu_split_path(monkeypatch):
+    """On the split path a shared prefix reaches the fused CPU kernel as an expanded view: forward
+    allocates no per-example copy. Backward's largest transient is the fused kernel's per-example
+    prefix gradient (one repeated prefix, summed per set and freed), never [prefix; keys], which
+    concat + SDPA builds in forward and saves for backward."""
+    monkeypatch.setenv("FASTPEFT_PREFIX_CPU_PATH", "split")
     inputs = memory_inputs("cpu")
     assert largest_cpu_allocation(prefix_attention, inputs, backward=False) < repeated_prefix_bytes()
     ours = largest_cpu_allocation(prefix_attention, inputs)
     assert ours <= repeated_prefix_bytes()
     assert largest_cpu_allocation(prefix_attention_reference, inputs, backward=False) > repeated_prefix_bytes()
     assert largest_cpu_allocation(prefix_attention_reference, inputs) > ours
+
+
+def test_joint_cpu_path_builds_prefix_and_keys_only_transiently(monkeypatch):
+    """The CPU's joint path (one fused call over [prefix; keys]) allocates at most what concat +
+    SDPA allocates and saves only what the split path saves: [prefix; keys] lives inside forward
+    and inside backward, never between them."""
+    monkeypatch.setenv("FASTPEFT_PREFIX_CPU_PATH", "joint")
+    inputs = memory_inputs("cpu")
+    B, H, Hkv, S, D, P = MEMORY_SHAPE
+    joint_keys_bytes = B * Hkv * (P + S) * D * 4
+    assert largest_cpu_allocation(prefix_attention, inputs) <= largest_cpu_allocation(prefix_attention_reference, inputs)
+    assert largest_cpu_allocation(prefix_attention, inputs, backward=False) >= joint_keys_bytes  # [prefix; keys] built
+    saved = saved_tensor_sizes(prefix_attention, inputs)
+    assert len(saved) == 7 and max(saved) < repeated_prefix_bytes(), saved
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("path", ["split", "joint"])
+def test_each_cpu_path_matches_concat_sdpa(dtype, shape, mask_kind, path, monkeypatch):
+    # Both CPU paths forced (the default picks joint for these short sequences), causal or not.
+    monkeypatch.setenv("FASTPEFT_PREFIX_CPU_PATH", path)
+    assert cpu_forward_kernel_calls(8, causal=True) == (1 if path == "joint" else 2)
+    for causal in (True, False):
+        torch.manual_seed(0)  # each check on the draw the other tests use (conftest seeds 0)
+        check_against_reference(make_inputs(shape, dtype, "cpu", mask_kind), causal=causal)
+
+
+def cpu_forward_kernel_calls(S, causal, P=64):
+    """How many fused CPU attention calls one forward makes: 1 on the joint path, 2 on the split."""
+    q, k, v, pk, pv = (torch.randn(1, h, n, 8) for h, n in ((2, S), (1, S), (1, S), (1, P), (1, P)))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        prefix_attention(q, k, v, pk, pv, causal=causal)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def test_cpu_path_choice(monkeypatch):
+    # Causal sequences longer than the CPU kernel's 512-key block take the split path (its sequence
+    # part skips key blocks past the diagonal); shorter ones and non-causal ones the joint path.
+    assert cpu_forward_kernel_calls(512, causal=True) == 1
+    assert cpu_forward_kernel_calls(520, causal=True) == 2
+    assert cpu_forward_kernel_calls(520, causal=False) == 1
+    monkeypatch.setenv("FASTPEFT_PREFIX_CPU_PATH", "split")
+    assert cpu_forward_kernel_calls(16, causal=True) == 2
+    monkeypatch.setenv("FASTPEFT_PREFIX_CPU_PATH", "joint")
+    assert cpu_forward_kernel_calls(600, causal=True) == 1
+    monkeypatch.setenv("FASTPEFT_PREFIX_CPU_PATH", "fastest")
+    with pytest.raises(RuntimeError, match="FASTPEFT_PREFIX_CPU_PATH must be auto, split or joint"):
+        cpu_forward_kernel_calls(16, causal=True)
 
 
 @pytest.mark.cuda
