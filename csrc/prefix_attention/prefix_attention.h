@@ -73,7 +73,7 @@ void prefix_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::
 at::Tensor prefix_per_example(const at::Tensor& bank, const at::Tensor& prefix_index, int64_t B);
 
 // into[n] += sum of per_example[b] over the examples b of set n, in float32 (into: fp32 [N, ...]);
-// a GEMM with the one-hot assignment, fixed order, no atomics.
+// fixed order, no atomics (CUDA: a GEMM with the one-hot assignment; CPU: index_add_).
 void add_prefix_grad_per_set(const at::Tensor& per_example, const at::Tensor& prefix_index, at::Tensor& into);
 
 // ---- the CPU's one-call path (joint_attention_cpu.cpp) -------------------------------------------

@@ -12,7 +12,7 @@
 // K_pre / V_pre [B, Hkv, P, D] are each example's prefix set: on the CPU the bank expanded over
 // the batch (a stride-0 view) for a shared prefix; a row gather for a bank (and always on CUDA,
 // whose kernels take dense operands). prefix_index was range-checked by the op. Bank gradients: the per-example gradients summed per set in
-// float32 by a GEMM with the one-hot assignment (fixed order, no atomics: deterministic).
+// float32 in a fixed order, no atomics (add_prefix_grad_per_set): deterministic.
 #include <ATen/ATen.h>
 
 #include <limits>
@@ -34,6 +34,10 @@ void add_prefix_grad_per_set(const at::Tensor& per_example, const at::Tensor& pr
   const int64_t B = per_example.size(0), N = into.size(0);
   if (!prefix_index.defined()) {  // one set: a sum over the batch, read in place (no copy of a strided slice)
     into.select(0, 0).add_(at::sum(per_example, {0}, /*keepdim=*/false, at::kFloat));
+    return;
+  }
+  if (per_example.is_cpu()) {  // the CPU's index_add_ adds in index order: deterministic, no copy of the slice
+    into.index_add_(0, prefix_index, per_example.to(at::kFloat));
     return;
   }
   const auto flat = per_example.reshape({B, -1}).to(at::kFloat);

@@ -96,7 +96,7 @@ def prefix_attention_forward(
                                        index, attention_mask, causal, dropout, scaling, **kwargs)  # fmt: skip
     out = prefix_attention(query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), index,
                            attention_mask, causal, scaling)  # fmt: skip
-    return out.transpose(1, 2), None  # stored as [B, S, H, D]: no copy
+    return out.transpose(1, 2), None  # on CUDA stored as [B, S, H, D]: no copy (the CPU's HF path copies, as with SDPA)
 
 
 def _concatenated_attention(module, query, key, value, prefix_k, prefix_v, index, attention_mask, causal, dropout,

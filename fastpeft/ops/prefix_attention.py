@@ -35,8 +35,10 @@ import torch.nn.functional as F
 @torch.library.register_fake("fastpeft::prefix_attention")
 def _(q, k, v, prefix_k, prefix_v, prefix_index, attention_mask, causal, scale):
     B, H, Sq, D = q.shape
-    # [B, H, Sq, D] stored as [B, Sq, H, D], as flash kernels write it and HF reads it back.
-    out = q.new_empty((B, Sq, H, D)).transpose(1, 2)
+    # The layout the device's fused kernels write (csrc/prefix_attention/prefix_attention.cpp,
+    # empty_output): on CUDA [B, H, Sq, D] stored as [B, Sq, H, D], as HF reads it back; on the CPU
+    # contiguous, as the CPU kernel writes it and reads it in backward.
+    out = q.new_empty((B, H, Sq, D)) if q.device.type == "cpu" else q.new_empty((B, Sq, H, D)).transpose(1, 2)
     lse = q.new_empty((B, H, Sq), dtype=torch.float32)
     return out, lse
 
@@ -80,7 +82,8 @@ def prefix_attention(
         scale: softmax scale, default 1/sqrt(D).
         return_lse: also return the fp32 log-sum-exp [B, H, Sq] of each row (no gradient).
 
-    Returns ``out`` [B, H, Sq, D] (stored as [B, Sq, H, D]), or ``(out, lse)``. Gradients flow to
+    Returns ``out`` [B, H, Sq, D] (stored as [B, Sq, H, D] on CUDA, contiguous on the CPU: the
+    layout each device's fused kernels write), or ``(out, lse)``. Gradients flow to
     q, k, v, prefix_k and prefix_v. On devices without a fastpeft kernel (neither CPU nor CUDA)
     the plain-PyTorch reference runs instead.
     """

@@ -170,7 +170,8 @@ def test_hf_layout_and_non_contiguous_inputs(device):
     pv = torch.randn(1, Hkv, 8, D, device=device).requires_grad_()
     inputs = (q, k, v, pk, pv, None, None)
     out = prefix_attention(q, k, v, pk, pv)
-    assert out.transpose(1, 2).is_contiguous()
+    # The layout the device's fused kernels write: [B, S, H, D] storage on CUDA, contiguous on the CPU.
+    assert out.is_contiguous() if device == "cpu" else out.transpose(1, 2).is_contiguous()
     check_against_reference(inputs)
     grads = torch.autograd.grad(out.sum(), (q, k, v, pk, pv))
     for g, t in zip(grads, (q, k, v, pk, pv)):
