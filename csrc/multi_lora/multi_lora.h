@@ -66,8 +66,10 @@ struct RowPlan {
   }
   // Upper bound on the rows of the grouped layout: every segment adds at most kMultiLoraGroupAlign - 1.
   int64_t max_grouped_rows() const { return rows + (kMultiLoraGroupAlign - 1) * std::min(rows, num_adapters); }
-  // Where each group of the grouped layout ends (offsets[2][1:]): the `offs` of a grouped GEMM.
-  at::Tensor group_ends() const { return offsets[2].narrow(0, 1, num_adapters); }
+  // Where each group of the grouped layout ends (offsets[2][1:]): the `offs` of a grouped GEMM. A
+  // copy (N int32, once per call): a fresh allocation is 16-byte aligned, a view into offsets
+  // starts 4 bytes past such a boundary, and the grouped GEMM's setup kernel may load it in vectors.
+  at::Tensor group_ends() const { return offsets[2].narrow(0, 1, num_adapters).clone(); }
 };
 
 // Which implementation runs the low-rank parts of one call (multi_lora_path.cpp).

@@ -70,7 +70,8 @@ MultiLoraPath choose_multi_lora_path(const at::Tensor& x, const AdapterBank& ban
   if (!x.is_cuda()) return MultiLoraPath::kSegment;
 #ifdef FASTPEFT_WITH_CUDA
   const int64_t adapters = std::max<int64_t>(1, plan.num_adapters);
-  if (!backward && plan.rows <= kBgmvMaxRowsPerAdapter * adapters) return MultiLoraPath::kBgmv;
+  // (BGMV's expand stages a row's shrink in shared memory: ranks up to 4096 keep it at 16 KB.)
+  if (!backward && plan.rows <= kBgmvMaxRowsPerAdapter * adapters && bank.max_rank <= 4096) return MultiLoraPath::kBgmv;
   if (plan.rows >= kGroupedMinRowsPerAdapter * adapters && grouped_shapes_ok(x, bank) &&
       multi_lora_cuda_has_grouped_gemm(x))
     return MultiLoraPath::kGrouped;

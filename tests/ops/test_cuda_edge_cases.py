@@ -90,7 +90,10 @@ def test_every_op_on_a_side_stream():
     side.synchronize()
     for name in expected:
         for a, b in zip(got[name], expected[name]):
-            assert torch.equal(a, b), name
+            if name == "prefix":  # the fused attention backward accumulates dq with atomics
+                torch.testing.assert_close(a, b, msg=name)
+            else:
+                assert torch.equal(a, b), name
 
 
 BIG_ROWS = 2**31 // 4096 + 2  # rows of 4096: two rows past 2^31 elements
