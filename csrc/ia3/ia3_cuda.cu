@@ -13,17 +13,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/vector_io.cuh"
 #include "ia3/ia3.h"
 
 namespace fastpeft {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 __device__ __forceinline__ int64_t task_of_example(const int64_t* ids, int64_t b, int64_t num_tasks) {
   if (ids == nullptr) return 0;
@@ -44,11 +40,11 @@ scale_rows_kernel(const T* x, T* out, const V* __restrict__ vectors, const int64
     const int64_t m = g / groups_per_row;
     const int64_t j = (g - m * groups_per_row) * VEC;
     const V* v = vectors + task_of_example(ids, m / rows_per_example, num_tasks) * d + j;
-    Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(x + m * d + j);
+    Pack<T, VEC> in = load_pack<T, VEC>(x + m * d + j);
     Pack<T, VEC> res;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) res.v[i] = static_cast<T>(static_cast<float>(in.v[i]) * static_cast<float>(v[i]));
-    *reinterpret_cast<Pack<T, VEC>*>(out + m * d + j) = res;
+    store_pack<T, VEC>(out + m * d + j, res);
   }
 }
 
@@ -83,9 +79,9 @@ reduce_chunks_kernel(const T* grad, const T* __restrict__ saved, const V* __rest
       for (int u = 0; u < VEC; ++u) l[u] = static_cast<float>(vectors[task * d + j + u]);
     }
     for (int64_t m = row0 + ty; m < row1; m += kRowLanes) {
-      const Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(grad + m * d + j);
+      const Pack<T, VEC> g = load_pack<T, VEC>(grad + m * d + j);
       Pack<T, VEC> s;
-      if (HasSaved) s = *reinterpret_cast<const Pack<T, VEC>*>(saved + m * d + j);
+      if (HasSaved) s = load_pack<T, VEC>(saved + m * d + j);
       Pack<T, VEC> scaled;
 #pragma unroll
       for (int u = 0; u < VEC; ++u) {
@@ -94,7 +90,7 @@ reduce_chunks_kernel(const T* grad, const T* __restrict__ saved, const V* __rest
         if (WriteScaled) scaled.v[u] = static_cast<T>(gu * l[u]);
       }
       // After the read: scaled_out may alias grad.
-      if (WriteScaled) *reinterpret_cast<Pack<T, VEC>*>(scaled_out + m * d + j) = scaled;
+      if (WriteScaled) store_pack<T, VEC>(scaled_out + m * d + j, scaled);
     }
   }
 #pragma unroll
@@ -178,8 +174,7 @@ void ia3_scale_cuda(const at::Tensor& x, at::Tensor& out, const at::Tensor& vect
     constexpr int kVec = 16 / sizeof(T);
     const T* xp = x.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    const bool vec = d % kVec == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(op) % 16 == 0;
+    const bool vec = d % kVec == 0 && is_aligned16(xp) && is_aligned16(op);
     if (vec) {
       scale_rows_kernel<T, V, kVec><<<grid_for(M * d / kVec), kThreads, 0, stream>>>(
           xp, op, vectors.data_ptr<V>(), tasks.ids_ptr(), tasks.rows_per_example, tasks.num_tasks, M, d);
@@ -204,8 +199,7 @@ void ia3_task_reduce_cuda(const at::Tensor& grad, const at::Tensor& saved, const
     const T* sp = saved.defined() ? saved.data_ptr<T>() : nullptr;
     T* outp = scaled_out ? scaled_out->data_ptr<T>() : nullptr;
     constexpr int kVec = 16 / sizeof(T);
-    const auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    const bool vec = d % kVec == 0 && aligned(grad.data_ptr()) && aligned(sp) && aligned(outp);
+    const bool vec = d % kVec == 0 && is_aligned16(grad.data_ptr()) && is_aligned16(sp) && is_aligned16(outp);
     auto stage1 = [&](auto has_saved, auto write_scaled) {
       const auto launch = [&](auto width) {
         constexpr int W = decltype(width)::value;

@@ -47,47 +47,52 @@ const DropoutMask* mask_of(const AdapterBank& bank, int64_t a) {
 
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, cols)); }
 
-// dst[i][c] = src[rows[i]][c] (times the dropout factor of that element of src), c < cols.
+// dst[i * dst_stride + c] = scale * src[rows[i]][c] (times the dropout factor of that element of
+// src), c < cols.
 template <typename T>
 void gather_rows(const T* src, int64_t src_cols, const int32_t* rows, int64_t n, int64_t cols, T* dst,
-                 const DropoutMask* mask) {
+                 int64_t dst_stride, const DropoutMask* mask, float scale = 1.0f) {
   at::parallel_for(0, n, grain_rows(cols), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t base = int64_t(rows[i]) * src_cols;
       const T* s = src + base;
-      T* d = dst + i * cols;
-      if (mask == nullptr) {
+      T* d = dst + i * dst_stride;
+      if (mask == nullptr && scale == 1.0f) {
         std::copy(s, s + cols, d);
+      } else if (mask == nullptr) {
+        for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<T>(scale * static_cast<float>(s[c]));
       } else {
         for (int64_t c = 0; c < cols; ++c)
-          d[c] = static_cast<T>(static_cast<float>(s[c]) * mask->factor(uint64_t(base + c)));
+          d[c] = static_cast<T>(scale * mask->factor(uint64_t(base + c)) * static_cast<float>(s[c]));
       }
     }
   });
 }
 
-// dst[rows[i]][c] = scale * src[i][c], c < cols (dst rows have dst_cols entries).
+// dst[rows[i]][c] = scale * src[i * src_stride + c], c < cols (dst rows have dst_cols entries).
 template <typename T>
-void scatter_rows(T* dst, int64_t dst_cols, const int32_t* rows, int64_t n, int64_t cols, const T* src, float scale) {
+void scatter_rows(T* dst, int64_t dst_cols, const int32_t* rows, int64_t n, int64_t cols, const T* src,
+                  int64_t src_stride, float scale) {
   at::parallel_for(0, n, grain_rows(cols), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       T* d = dst + int64_t(rows[i]) * dst_cols;
-      const T* s = src + i * cols;
+      const T* s = src + i * src_stride;
       for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<T>(scale * static_cast<float>(s[c]));
     }
   });
 }
 
-// dst[rows[i]][c] += scale * src[i][c] (times the dropout factor of that element of dst), in float32,
-// rounded once. The two branches are separate loops so the common one (no dropout) vectorises.
+// dst[rows[i]][c] += scale * src[i * src_stride + c] (times the dropout factor of that element of
+// dst), in float32, rounded once. The two branches are separate loops so the common one (no
+// dropout) vectorises.
 template <typename T>
-void add_rows(T* dst, int64_t cols, const int32_t* rows, int64_t n, const T* src, float scale,
+void add_rows(T* dst, int64_t cols, const int32_t* rows, int64_t n, const T* src, int64_t src_stride, float scale,
               const DropoutMask* mask) {
   at::parallel_for(0, n, grain_rows(cols), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t base = int64_t(rows[i]) * cols;
       T* d = dst + base;
-      const T* s = src + i * cols;
+      const T* s = src + i * src_stride;
       if (mask == nullptr) {
         for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<T>(static_cast<float>(d[c]) + scale * static_cast<float>(s[c]));
       } else {
@@ -102,7 +107,7 @@ void add_rows(T* dst, int64_t cols, const int32_t* rows, int64_t n, const T* src
 template <typename T>
 at::Tensor gathered(const at::Tensor& src, const Segment& s, int64_t cols, const DropoutMask* mask = nullptr) {
   auto out = at::empty({s.len, cols}, src.options());
-  gather_rows<T>(src.data_ptr<T>(), src.size(1), s.rows, s.len, cols, out.data_ptr<T>(), mask);
+  gather_rows<T>(src.data_ptr<T>(), src.size(1), s.rows, s.len, cols, out.data_ptr<T>(), cols, mask);
   return out;
 }
 
@@ -116,7 +121,7 @@ at::Tensor shrink_cpu(const at::Tensor& x, const AdapterBank& bank, const RowPla
       const auto xa = gathered<scalar_t>(x, s, bank.in_features, mask_of(bank, s.adapter));
       const auto sa = at::mm(xa, bank.A[s.adapter].t());
       scatter_rows<scalar_t>(out.data_ptr<scalar_t>(), bank.max_rank, s.rows, s.len, bank.ranks[s.adapter],
-                             sa.data_ptr<scalar_t>(), 1.0f);
+                             sa.data_ptr<scalar_t>(), bank.ranks[s.adapter], 1.0f);
     });
   });
   return out;
@@ -128,7 +133,7 @@ void expand_cpu(at::Tensor& out, const at::Tensor& shrink, const AdapterBank& ba
       const auto sa = gathered<scalar_t>(shrink, s, bank.ranks[s.adapter]);
       const auto delta = at::mm(sa, bank.B[s.adapter].t());
       add_rows<scalar_t>(out.data_ptr<scalar_t>(), bank.out_features, s.rows, s.len, delta.data_ptr<scalar_t>(),
-                         static_cast<float>(bank.scalings[s.adapter]), nullptr);
+                         bank.out_features, static_cast<float>(bank.scalings[s.adapter]), nullptr);
     });
   });
 }
@@ -140,7 +145,7 @@ at::Tensor grad_shrink_cpu(const at::Tensor& grad_out, const AdapterBank& bank, 
       const auto ga = gathered<scalar_t>(grad_out, s, bank.out_features);
       const auto gsa = at::mm(ga, bank.B[s.adapter]);
       scatter_rows<scalar_t>(out.data_ptr<scalar_t>(), bank.max_rank, s.rows, s.len, bank.ranks[s.adapter],
-                             gsa.data_ptr<scalar_t>(), static_cast<float>(bank.scalings[s.adapter]));
+                             gsa.data_ptr<scalar_t>(), bank.ranks[s.adapter], static_cast<float>(bank.scalings[s.adapter]));
     });
   });
   return out;
@@ -153,7 +158,7 @@ void grad_x_accum_cpu(at::Tensor& grad_x, const at::Tensor& grad_shrink, const A
       const auto gsa = gathered<scalar_t>(grad_shrink, s, bank.ranks[s.adapter]);
       const auto delta = at::mm(gsa, bank.A[s.adapter]);
       add_rows<scalar_t>(grad_x.data_ptr<scalar_t>(), bank.in_features, s.rows, s.len, delta.data_ptr<scalar_t>(),
-                         1.0f, mask_of(bank, s.adapter));
+                         bank.in_features, 1.0f, mask_of(bank, s.adapter));
     });
   });
 }
@@ -205,25 +210,10 @@ at::Tensor grouped_gather_cpu(const at::Tensor& src, int64_t cols, const Adapter
   auto out = at::zeros({plan.max_grouped_rows(), cols}, src.options());
   const int64_t src_cols = src.size(1), copy = std::min(cols, src_cols);
   FASTPEFT_DISPATCH_FLOAT(src.scalar_type(), "multi_lora_grouped_gather_cpu", [&] {
-    const scalar_t* s = src.data_ptr<scalar_t>();
-    scalar_t* d = out.data_ptr<scalar_t>();
     for_each_group(plan, [&](int64_t a, const int32_t* rows, int64_t len, int64_t first) {
-      const DropoutMask* mask = dropout ? mask_of(bank, a) : nullptr;
-      const float scale = scaled ? static_cast<float>(bank.scalings[a]) : 1.0f;
-      at::parallel_for(0, len, grain_rows(copy), [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t base = int64_t(rows[i]) * src_cols;
-          scalar_t* di = d + (first + i) * cols;
-          if (mask == nullptr && scale == 1.0f) {
-            std::copy(s + base, s + base + copy, di);
-          } else if (mask == nullptr) {
-            for (int64_t c = 0; c < copy; ++c) di[c] = static_cast<scalar_t>(scale * static_cast<float>(s[base + c]));
-          } else {
-            for (int64_t c = 0; c < copy; ++c)
-              di[c] = static_cast<scalar_t>(scale * mask->factor(uint64_t(base + c)) * static_cast<float>(s[base + c]));
-          }
-        }
-      });
+      gather_rows<scalar_t>(src.data_ptr<scalar_t>(), src_cols, rows, len, copy, out.data_ptr<scalar_t>() + first * cols,
+                            cols, dropout ? mask_of(bank, a) : nullptr,
+                            scaled ? static_cast<float>(bank.scalings[a]) : 1.0f);
     });
   });
   return out;
@@ -235,28 +225,15 @@ void grouped_scatter_cpu(at::Tensor& dst, const at::Tensor& src, const AdapterBa
               "multi_lora grouped scatter: dst must be contiguous, src [P, >= ", dst.size(1), "] with unit column stride");
   const int64_t cols = dst.size(1), src_stride = src.stride(0);
   FASTPEFT_DISPATCH_FLOAT(dst.scalar_type(), "multi_lora_grouped_scatter_cpu", [&] {
-    scalar_t* d = dst.data_ptr<scalar_t>();
-    const scalar_t* s = src.data_ptr<scalar_t>();
     for_each_group(plan, [&](int64_t a, const int32_t* rows, int64_t len, int64_t first) {
-      const DropoutMask* mask = dropout ? mask_of(bank, a) : nullptr;
+      const scalar_t* s = src.data_ptr<scalar_t>() + first * src_stride;
       const float scale = scaled ? static_cast<float>(bank.scalings[a]) : 1.0f;
-      at::parallel_for(0, len, grain_rows(cols), [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t base = int64_t(rows[i]) * cols;
-          scalar_t* di = d + base;
-          const scalar_t* si = s + (first + i) * src_stride;
-          if (!accumulate) {
-            for (int64_t c = 0; c < cols; ++c) di[c] = static_cast<scalar_t>(scale * static_cast<float>(si[c]));
-          } else if (mask == nullptr) {
-            for (int64_t c = 0; c < cols; ++c)
-              di[c] = static_cast<scalar_t>(static_cast<float>(di[c]) + scale * static_cast<float>(si[c]));
-          } else {
-            for (int64_t c = 0; c < cols; ++c)
-              di[c] = static_cast<scalar_t>(static_cast<float>(di[c]) +
-                                            scale * mask->factor(uint64_t(base + c)) * static_cast<float>(si[c]));
-          }
-        }
-      });
+      if (accumulate) {
+        add_rows<scalar_t>(dst.data_ptr<scalar_t>(), cols, rows, len, s, src_stride, scale,
+                           dropout ? mask_of(bank, a) : nullptr);
+      } else {
+        scatter_rows<scalar_t>(dst.data_ptr<scalar_t>(), cols, rows, len, cols, s, src_stride, scale);
+      }
     });
   });
 }

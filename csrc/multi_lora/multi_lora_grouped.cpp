@@ -5,7 +5,7 @@
 // segment padded with zero rows to a multiple of 8, the padded starts in the plan's offsets[2]),
 // multiplied against the bank stacked as [N, R, K] / [N, O, R] (R: the largest rank rounded up to 8,
 // smaller adapters zero-padded), and scattered back. The gathers and scatters are this family's own
-// kernels (multi_lora_cpu.cpp / multi_lora_cuda.cu) because they fuse what the GEMMs cannot: the
+// kernels (multi_lora_cpu.cpp / multi_lora_rows_cuda.cu) because they fuse what the GEMMs cannot: the
 // dropout mask on the way in, the per-adapter scaling and the accumulation into the base output on
 // the way out.
 //

@@ -18,7 +18,9 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdint>
+#include <vector>
 
+#include "common/vector_io.cuh"
 #include "multi_lora/multi_lora.h"
 #include "multi_lora/multi_lora_table.cuh"
 
@@ -34,32 +36,14 @@ constexpr int kExpandThreads = 256;
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)           \
                                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// VEC consecutive elements moved as one 16-byte (or VEC * sizeof(T)) access.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, VEC>*>(p);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& pack) {
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Elements per 16-byte access when every extent and pointer allows it, else 1.
 template <typename T>
-int vector_width(std::initializer_list<int64_t> extents, std::initializer_list<const void*> pointers) {
+int vector_width(const std::vector<int64_t>& extents, const std::vector<const void*>& pointers) {
   constexpr int kVec = 16 / sizeof(T);
   for (const int64_t e : extents)
     if (e % kVec != 0) return 1;
   for (const void* p : pointers)
-    if (!aligned16(p)) return 1;
+    if (!is_aligned16(p)) return 1;
   return kVec;
 }
 
@@ -283,9 +267,7 @@ at::Tensor multi_lora_bgmv_shrink_cuda(const at::Tensor& x, const AdapterBank& b
   FASTPEFT_DISPATCH_ROW_TYPES(x.scalar_type(), "multi_lora_bgmv_shrink_cuda", [&] {
     std::vector<const void*> pointers{x.data_ptr()};
     for (const auto& A : bank.A) pointers.push_back(A.data_ptr());
-    bool vec_ok = K % (16 / sizeof(scalar_t)) == 0;
-    for (const void* ptr : pointers) vec_ok = vec_ok && aligned16(ptr);
-    with_vector_width<scalar_t>(vec_ok ? 16 / sizeof(scalar_t) : 1, [&](auto v) {
+    with_vector_width<scalar_t>(vector_width<scalar_t>({K}, pointers), [&](auto v) {
       const auto launch = [&](auto flag) {
         bgmv_shrink_kernel<scalar_t, decltype(v)::value, decltype(flag)::value>
             <<<grid, kWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -315,10 +297,9 @@ void multi_lora_bgmv_expand_cuda_(at::Tensor& out, const at::Tensor& shrink, con
   TORCH_CHECK(smem <= 48 * 1024, "fastpeft.multi_lora_linear: rank ", bank.max_rank, " is too large for BGMV");
   FASTPEFT_DISPATCH_ROW_TYPES(out.scalar_type(), "multi_lora_bgmv_expand_cuda", [&] {
     // 16-byte loads of B's rows need every adapter's rank to be a multiple of the width.
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    bool vec_ok = true;
-    for (size_t i = 0; i < bank.size(); ++i) vec_ok = vec_ok && bank.ranks[i] % kVec == 0 && aligned16(bank.B[i].data_ptr());
-    with_vector_width<scalar_t>(vec_ok ? kVec : 1, [&](auto v) {
+    std::vector<const void*> pointers;
+    for (const auto& B : bank.B) pointers.push_back(B.data_ptr());
+    with_vector_width<scalar_t>(vector_width<scalar_t>(bank.ranks, pointers), [&](auto v) {
       bgmv_expand_kernel<scalar_t, decltype(v)::value><<<grid, kExpandThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
           shrink.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), O, bank.max_rank, device_plan(plan), table_ptr(table));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -242,8 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     grad_pk = at::zeros(prefix_k.sizes(), prefix_k.options().dtype(at::kFloat));
     grad_pv = at::zeros(prefix_v.sizes(), prefix_v.options().dtype(at::kFloat));
   }
+  SequenceMask mask;  // prepared once, for whichever path runs
   if (!empty && s.Skv > 0) {
-    const auto mask = prepare_sequence_mask(attention_mask, causal, s, q);
+    mask = prepare_sequence_mask(attention_mask, causal, s, q);
     if (joint_cpu_applies(q, s, mask.causal_flag)) {  // one backward call computes every gradient
       std::tie(grad_q, grad_k, grad_v) = joint_cpu_backward(
           last_dim_contiguous(grad_out), last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v),
@@ -254,7 +255,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   }
   if ((need_q || need_k || need_v) && !empty) {
     if (s.Skv > 0) {
-      const auto mask = prepare_sequence_mask(attention_mask, causal, s, q);
       std::tie(grad_q, grad_k, grad_v) =
           sequence_attention_backward(last_dim_contiguous(grad_out), last_dim_contiguous(q), last_dim_contiguous(k),
                                       last_dim_contiguous(v), mask, last_dim_contiguous(out), lse.contiguous(), scale);
