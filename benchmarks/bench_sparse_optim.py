@@ -8,6 +8,13 @@ Providers, on the same weights and the same k trained entries per weight:
   dense_masked          the reference practice: grad.mul_(dense 0/1 mask) then torch AdamW
                         (fused) over every weight entry
 
+Mode "fwd+bwd" times one layer's seven projections (forward and backward on ``--tokens`` tokens,
+input gradients included) at the same densities:
+  fastpeft              fastpeft.ops.masked_weight_linear: the weight gradient at the mask only
+                        (what FishMaskConfig(masked_weight_grads=True) runs)
+  dense_masked          F.linear, then the dense weight gradient multiplied by the 0/1 mask
+  floor                 F.linear on a frozen weight (only the input gradient): the lower bound
+
 Default shapes are a CPU-sized model (2 layers, hidden 1024, intermediate 2816: the 7B layer
 structure at 1/4 width); --full uses Llama-2-7B's 32 layers (hidden 4096, intermediate 11008,
 6.5 B weights; needs a GPU with ~80 GB for the dense-masked baseline in bf16).
@@ -16,7 +23,7 @@ On CPU the process CPU time of a step is recorded next to the wall time (shared 
 Memory is the optimizer's own state, counted exactly from its tensors (the dense masks count
 for dense_masked, the indices for fastpeft); on CUDA also the peak extra memory of one step.
 
-  python benchmarks/bench_sparse_optim.py [--device cuda] [--full] [--densities 0.001 0.005 0.02]
+  python benchmarks/bench_sparse_optim.py [--device cuda] [--full] [--densities 0.001 0.005 0.02] [--tokens 512]
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
+from fastpeft.ops import masked_weight_linear  # noqa: E402
 from fastpeft.optim import SparseMaskedAdamW  # noqa: E402
 from fastpeft.optim.random_mask import sample_without_replacement  # noqa: E402
 
@@ -48,7 +57,13 @@ def headline(densities):
                        {"text": "cache lines moved at {} of this machine's triad bandwidth (useful bytes at {})",
                         "values": [{"value": "fastpeft", "metric": "line_gbps_of_roofline"},
                                    {"value": "fastpeft", "metric": "gbps_of_roofline"}]}]}
-            for d in densities]  # fmt: skip
+            for d in densities] + [
+        {"what": f"FishMask layer fwd+bwd (masked weight gradients), density {d:.1%}",
+         "where": {"mode": "fwd+bwd", "density": d},
+         "cells": [{"text": "{}x faster than the dense-masked practice",
+                    "values": [{"ratio": ["dense_masked", "fastpeft"]}]},
+                   {"text": "{}x the frozen-linear floor", "values": [{"ratio": ["fastpeft", "floor"]}]}]}
+        for d in densities]  # fmt: skip
 
 
 def layer_shapes(hidden: int, intermediate: int, layers: int):
@@ -126,6 +141,42 @@ def providers(shapes, masks, dtype, device):
     return out
 
 
+def layer_providers(shapes, masks, tokens, dtype, device, seed=3):
+    """name -> fwd+bwd function over one layer's projections (``shapes``, the first seven of the
+    model's), each on its own input of ``tokens`` rows that needs a gradient (a middle layer)."""
+    gen = torch.Generator().manual_seed(seed)
+    ws = [(torch.randn(o, i, generator=gen) * 0.02).to(device, dtype).requires_grad_(True) for o, i in shapes]
+    xs = [torch.randn(tokens, i, generator=gen).to(device, dtype).requires_grad_(True) for _, i in shapes]
+    gs = [torch.randn(tokens, o, generator=gen).to(device, dtype) for o, _ in shapes]
+    dense = []
+    for w, m in zip(ws, masks):
+        d = torch.zeros(w.numel(), dtype=dtype, device=device)
+        d[m.long()] = 1
+        dense.append(d.view_as(w))
+
+    def clear():
+        for t in (*ws, *xs):
+            t.grad = None
+
+    def fast():
+        clear()
+        for w, x, g, m in zip(ws, xs, gs, masks):
+            masked_weight_linear(x, w, None, m).backward(g)
+
+    def dense_masked():
+        clear()
+        for w, x, g, d in zip(ws, xs, gs, dense):
+            F.linear(x, w).backward(g)
+            w.grad.mul_(d)
+
+    def floor():
+        clear()
+        for w, x, g in zip(ws, xs, gs):
+            F.linear(x, w.detach()).backward(g)
+
+    return {"fastpeft": fast, "dense_masked": dense_masked, "floor": floor}
+
+
 def cpu_time_ms(fn, reps: int) -> float:
     """Median process CPU time of fn in ms: on a shared CPU machine wall time also counts the
     time other processes hold the cores; CPU time (all threads of this process) does not."""
@@ -163,6 +214,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="Llama-2-7B shapes (32 layers, 4096/11008)")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.001, 0.005, 0.02])
+    ap.add_argument("--tokens", type=int, default=None, help="tokens of the fwd+bwd rows (default 512; --quick 64)")
     args = common.add_common_args(ap, threads=None).parse_args(argv)
     device, dtype = common.setup(args)
     reps = args.reps or 10
@@ -193,10 +245,17 @@ def main(argv=None):
                     row["hbm_fraction"] = gbps / peaks["hbm_gbps"]
             rows.append(row)
         del provs
+        tokens = args.tokens or (64 if args.quick else 512)
+        layer = layer_providers(shapes[:7], masks[:7], tokens, dtype, device)
+        for name, t in common.time_interleaved(layer, device, warmup=2, reps=reps).items():
+            rows.append(common.make_row("sparse_optim", f"layer density {density:g}", "fwd+bwd", dtype, name, t,
+                                        density=density, tokens=tokens,
+                                        trained=sum(m.numel() for m in masks[:7])))  # fmt: skip
+        del layer
     name = "bench_sparse_optim" + ("_full" if args.full else "_quick" if args.quick else "")
     config = {"shapes": "llama2-7b" if args.full else "64/96 x 1 layer" if args.quick else "1024/2816 x 2 layers",
-              "reps": reps}  # fmt: skip
-    columns = ["case", "provider", "median_ms", "p20_ms", "p80_ms", "cpu_time_median_ms", "state_bytes", "gbps",
+              "reps": reps, "tokens": args.tokens or (64 if args.quick else 512)}  # fmt: skip
+    columns = ["case", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "cpu_time_median_ms", "state_bytes", "gbps",
                "line_gbps"]
     return common.finish(args, device, name, "sparse_optim", rows, headline(args.densities), config, columns)
 

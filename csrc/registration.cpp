@@ -118,6 +118,13 @@ TORCH_LIBRARY(fastpeft, m) {
   m.def(
       "sparse_delta_linear_backward(Tensor grad_out, Tensor x, str weight_format, Tensor?[] weight_tensors, int[] weight_ints, "
       "Tensor indices, Tensor values, bool[] output_mask) -> (Tensor grad_x, Tensor grad_values, Tensor grad_bias)");
+  // y = x W^T + b whose weight gradient is computed at the sorted flat indices only (FishMask):
+  // backward returns the dense masked gradient (zero off the mask) without the dense GEMM.
+  m.def("masked_weight_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices) -> Tensor");
+  // output_mask: [x, weight, bias].
+  m.def(
+      "masked_weight_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor indices, bool[] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // ---- Prefix-KV attention (prefix tuning, P-tuning v2) ------------------------------------------
   // out = softmax([q prefix_k[i]^T | mask(q k^T)] * scale) [prefix_v[i]; v] for example b with
   // i = prefix_index[b] (0 when None): q [B, H, Sq, D]; k, v [B, Hkv, Skv, D]; prefix_k/v, a bank of

@@ -27,7 +27,8 @@ BENCHES = {
     "bench_quant4bit": (QUICK, ("bitsandbytes",), {"fastpeft", "bitsandbytes", "reference"}),
     "bench_sparse_delta": (QUICK + ["--densities", "0.01", "0.05"], ("bitsandbytes",), {"fastpeft", "floor", "reference"},
                            {"weight-grad": {"sddmm", "dense_gather"}}),
-    "bench_sparse_optim": (QUICK, (), {"fastpeft", "torch_fused_k", "dense_masked"}),
+    "bench_sparse_optim": (QUICK, (), {"fastpeft", "torch_fused_k", "dense_masked"},
+                           {"layer": {"fastpeft", "dense_masked", "floor"}}),
     "bench_e2e_qlora": (["--steps", "3", "--seq", "32", "--batch", "2", "--device", "cpu"], ("bitsandbytes", "peft", "transformers"),
                         {"fastpeft", "peft+bitsandbytes"}),
 }  # fmt: skip

@@ -206,6 +206,18 @@ def case_sparse_delta():
     return out
 
 
+def case_masked_weight_grads():
+    from fastpeft.optim import random_mask, use_masked_weight_grads
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = nn.Sequential(_linear(96, 50, dtype), nn.Tanh(), _linear(50, 24, dtype, bias=False))
+        mask = random_mask(model, keep_ratio=0.02, include=lambda n, p: n.endswith("weight"), seed=0)
+        assert use_masked_weight_grads(model, mask).patched == ["0", "2"]
+        out = _backward(model(torch.randn(3, 7, 96, device=DEV, dtype=dtype, requires_grad=True)))
+        assert torch.count_nonzero(model[0].weight.grad) <= mask["0.weight"].numel()
+    return out
+
+
 def case_prefix_attention():
     for dtype in (torch.bfloat16, torch.float32):
         B, H, Hkv, S, D, P, N = 3, 8, 2, 37, 64, 19, 4

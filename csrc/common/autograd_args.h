@@ -5,11 +5,18 @@
 #include <torch/autograd.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/frozen_weights.h"
 
 namespace fastpeft {
+
+// The names every <family>_autograd.cpp uses.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = c10::optional<at::Tensor>;
+using GradTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // The frozen-weight argument triple of a linear op (see common/frozen_weights.h) as an autograd
 // function carries it: one non-differentiable value.

@@ -17,11 +17,6 @@
 namespace fastpeft {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptTensor = c10::optional<at::Tensor>;
-using GradTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
 // Autograd-function inputs are ordered (x, values, indices, weight, bias) so that
 // needs_input_grad(0) and (1) are always x and the values, and the optional bias, which does not
 // count as an input when absent, comes last. The frozen weight is one non-tensor value: called

@@ -28,6 +28,7 @@ from torch import nn
 from fastpeft.integrations.checkpoint import PEFT_PREFIX, CheckpointError
 from fastpeft.integrations.registry import Injection, register_method
 from fastpeft.optim import SparseMaskedAdamW, bitfit_mask, fisher_mask, validate_indices
+from fastpeft.optim.masked_grads import MaskedGradsReport, remove_masked_weight_grads, use_masked_weight_grads
 from fastpeft.optim.fisher import default_loss
 from fastpeft.optim.masks import Mask, check_keep_ratio
 
@@ -81,6 +82,9 @@ class FishMaskConfig:
     matches itself and anything whose dotted path ends with it, e.g. ``"embed_tokens"``) never
     scored and kept frozen. ``skip_quantized``: leave 4-bit (non-floating) weights frozen instead of
     raising. ``modules_to_save``: trained dense, not scored (SEQ_CLS default: the classifier head).
+    ``masked_weight_grads``: the masked ``nn.Linear`` weights get their gradient computed at the
+    mask only (``fastpeft.optim.use_masked_weight_grads``: ``.grad`` is the dense masked gradient,
+    zero off the mask, without the dense weight-gradient GEMM); False keeps the full dense gradient.
     """
 
     keep_ratio: float
@@ -89,6 +93,7 @@ class FishMaskConfig:
     exclude: tuple = ()
     skip_quantized: bool = False
     modules_to_save: Optional[list] = None
+    masked_weight_grads: bool = True
     task_type: Optional[str] = None
     peft_type: str = "FASTPEFT_FISHMASK"
 
@@ -106,6 +111,8 @@ class FishMaskConfig:
         self.exclude = tuple(self.exclude)  # JSON gives a list back
         if not isinstance(self.skip_quantized, bool):
             raise ValueError(f"FishMaskConfig.skip_quantized must be a bool, got {self.skip_quantized!r}")
+        if not isinstance(self.masked_weight_grads, bool):
+            raise ValueError(f"FishMaskConfig.masked_weight_grads must be a bool, got {self.masked_weight_grads!r}")
         _check_names(self.modules_to_save, "FishMaskConfig.modules_to_save")
 
     def to_dict(self) -> dict:
@@ -153,9 +160,11 @@ def _module_of(name: str) -> str:
 @dataclasses.dataclass
 class SparseInjection(Injection):
     """An Injection that also records its mask (parameter name -> sorted flat indices, or None
-    for tensors trained in full)."""
+    for tensors trained in full) and, for FishMask with ``masked_weight_grads``, which layers
+    compute masked weight gradients (``fastpeft.optim.MaskedGradsReport``)."""
 
     mask: Mask = dataclasses.field(default_factory=dict)
+    masked_grads: Optional[MaskedGradsReport] = None
 
 
 def trained_mask(fast) -> Mask:
@@ -275,6 +284,14 @@ def _inject_fishmask(
         elif name in mask and mask[name].numel():
             full[name] = mask[name]
     injection = _finish(model, full)
+    if config.masked_weight_grads:
+        injection.masked_grads = use_masked_weight_grads(model, full)
+
+        def unload():
+            remove_masked_weight_grads(model)
+            return model
+
+        injection.unload = injection.merge_and_unload = unload
     injection.state_dict = lambda: sparse_state_dict(model, full)
     injection.load_state_dict = lambda tensors: load_sparse_state_dict(model, full, tensors)
     return injection

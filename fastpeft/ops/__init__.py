@@ -5,6 +5,7 @@ from fastpeft.ops.dora import dora_linear, dora_linear_reference
 from fastpeft.ops.dropout import dropout_reference, new_seed
 from fastpeft.ops.ia3 import ia3_linear, ia3_linear_reference, ia3_scale, ia3_scale_reference
 from fastpeft.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from fastpeft.ops.masked_linear import masked_weight_linear, masked_weight_linear_reference
 from fastpeft.ops.lora import lora_linear, lora_linear_grouped, lora_linear_multi, lora_linear_reference
 from fastpeft.ops.prefix_attention import prefix_attention, prefix_attention_reference
 from fastpeft.ops.multi_lora import MultiLoRAPlan, multi_lora_linear, multi_lora_linear_reference, plan_multi_lora
@@ -32,6 +33,8 @@ __all__ = [
     "lora_linear_grouped",
     "lora_linear_multi",
     "lora_linear_reference",
+    "masked_weight_linear",
+    "masked_weight_linear_reference",
     "MultiLoRAPlan",
     "multi_lora_linear",
     "multi_lora_linear_reference",

@@ -2,6 +2,7 @@
 
 from fastpeft.optim.bitfit import bitfit_mask
 from fastpeft.optim.fisher import fisher_mask, fisher_scores
+from fastpeft.optim.masked_grads import MaskedGradsReport, remove_masked_weight_grads, use_masked_weight_grads
 from fastpeft.optim.masks import (
     Mask,
     index_dtype,
@@ -17,6 +18,7 @@ from fastpeft.optim.topk import topk_indices
 
 __all__ = [
     "Mask",
+    "MaskedGradsReport",
     "SparseMaskedAdamW",
     "bitfit_mask",
     "fisher_mask",
@@ -25,9 +27,11 @@ __all__ = [
     "load_mask",
     "mask_density",
     "random_mask",
+    "remove_masked_weight_grads",
     "save_mask",
     "state_bytes_formula",
     "topk_indices",
+    "use_masked_weight_grads",
     "validate_indices",
     "validate_mask",
 ]

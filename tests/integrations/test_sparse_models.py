@@ -216,6 +216,29 @@ def test_training_equals_dense_masked_torch_adamw(method, arch):
     assert changed == len(mask)  # every trained tensor moved
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_fishmask_masked_weight_grads_patch_the_masked_linears_and_train_like_dense_grads(arch):
+    base = make_model(arch)
+    # per_layer: every weight holds trained entries (a global top-2% of a tiny model is mostly embeddings)
+    fast = inject("fishmask", arch, model=copy.deepcopy(base), scope="per_layer")
+    dense = inject("fishmask", arch, model=copy.deepcopy(base), scope="per_layer", masked_weight_grads=False)
+    mask = trained_mask(fast)
+    assert mask.keys() == trained_mask(dense).keys()
+    modules = dict(fast.base_model.model.named_modules())
+    linears = {n.rpartition(".")[0] for n, idx in mask.items()
+               if idx is not None and isinstance(modules.get(n.rpartition(".")[0]), torch.nn.Linear)}  # fmt: skip
+    report = fast._injection.masked_grads
+    assert len(linears) >= 6 and set(report.patched) == linears and not report.skipped
+    assert dense._injection.masked_grads is None
+    for model in (fast, dense):
+        train(model, model.create_optimizer(lr=1e-2, weight_decay=0.0), data_arch(arch), steps=3)
+    trained = dict(dense.base_model.model.named_parameters())
+    for name, p in fast.base_model.model.named_parameters():
+        assert_close(p.detach(), trained[name].detach(), scale=10, msg=name)
+    model = fast.unload()
+    assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def test_entries_outside_the_mask_stay_bit_identical_with_weight_decay():
     base = tiny_model("bert")
     before = snapshot(base)
@@ -357,6 +380,7 @@ def test_mismatched_checkpoints_raise_and_leave_the_model_unchanged(tmp_path):
     (dict(keep_ratio=0.1, num_samples=0), "num_samples must be"),
     (dict(keep_ratio=0.1, exclude="embed_tokens"), "exclude must be a list"),
     (dict(keep_ratio=0.1, peft_type="LORA"), "peft_type"),
+    (dict(keep_ratio=0.1, masked_weight_grads=1), "masked_weight_grads must be a bool"),
 ])  # fmt: skip
 def test_bad_fishmask_configs(kwargs, message):
     with pytest.raises(ValueError, match=message):
