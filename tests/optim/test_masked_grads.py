@@ -267,3 +267,26 @@ def test_opcheck(device, requires_grad):
                           (g, x.detach(), w.detach(), idx, [True, True, True]))  # fmt: skip
     torch.library.opcheck(torch.ops.fastpeft.masked_weight_linear_backward,
                           (g, x.detach(), w.detach(), idx, [False, True, False]))  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(16,), (0, 16), (2, 0, 16)])
+def test_one_row_and_zero_token_inputs(shape):
+    x = torch.randn(*shape, requires_grad=True)
+    w = torch.randn(6, 16, requires_grad=True)
+    idx = sorted_indices(6 * 16, 7, seed=8)
+    g = torch.randn(*shape[:-1], 6)
+    got = run(masked_weight_linear, x, w, None, idx, g)
+    ref = run(masked_weight_linear_reference, x, w, None, idx, g)
+    for a, r in zip(got, ref):
+        if r is not None:
+            assert a.shape == r.shape
+            assert_close(a, r, scale=4)
+
+
+def test_mismatched_dtypes_raise_outside_autocast():
+    x = torch.randn(3, 8)
+    w = torch.randn(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"weight must be Float \(the dtype of x; cast one, or run under torch.autocast\)"):
+        masked_weight_linear(x, w, None, torch.tensor([0, 5]))
+    with pytest.raises(RuntimeError, match=r"bias must be Float \(the dtype of x\), got Double"):
+        masked_weight_linear(x, w.float(), torch.randn(4, dtype=torch.float64), torch.tensor([0, 5]))
