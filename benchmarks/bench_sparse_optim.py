@@ -223,6 +223,7 @@ def main(argv=None):
     print(f"{len(shapes)} weights, {numel / 1e6:.1f} M entries, {dtype}, {common.device_name(device)}")
 
     peaks = common.device_peaks(device)
+    tokens = args.tokens or (64 if args.quick else 512)  # of the fwd+bwd rows
     rows = []
     gen = torch.Generator().manual_seed(0)
     for density in args.densities:
@@ -245,7 +246,6 @@ def main(argv=None):
                     row["hbm_fraction"] = gbps / peaks["hbm_gbps"]
             rows.append(row)
         del provs
-        tokens = args.tokens or (64 if args.quick else 512)
         layer = layer_providers(shapes[:7], masks[:7], tokens, dtype, device)
         for name, t in common.time_interleaved(layer, device, warmup=2, reps=reps).items():
             rows.append(common.make_row("sparse_optim", f"layer density {density:g}", "fwd+bwd", dtype, name, t,
@@ -254,7 +254,7 @@ def main(argv=None):
         del layer
     name = "bench_sparse_optim" + ("_full" if args.full else "_quick" if args.quick else "")
     config = {"shapes": "llama2-7b" if args.full else "64/96 x 1 layer" if args.quick else "1024/2816 x 2 layers",
-              "reps": reps, "tokens": args.tokens or (64 if args.quick else 512)}  # fmt: skip
+              "reps": reps, "tokens": tokens}  # fmt: skip
     columns = ["case", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "cpu_time_median_ms", "state_bytes", "gbps",
                "line_gbps"]
     return common.finish(args, device, name, "sparse_optim", rows, headline(args.densities), config, columns)

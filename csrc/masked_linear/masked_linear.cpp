@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "sparse_delta/sparse_delta.h"
 
 namespace fastpeft {
 namespace {
@@ -31,20 +32,6 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   check_same_device(indices, x, kOp, "indices", "x");
   TORCH_CHECK(indices.numel() <= weight.numel(), kOp, ": ", indices.numel(), " indices cannot be unique in a weight of ",
               weight.numel(), " elements");
-}
-
-at::Tensor call_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastpeft::sparse_delta_weight_grad", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
-  return op.call(grad_out, x, indices, /*chunk_tokens=*/0);
-}
-
-void call_sparse_delta_add(at::Tensor& out, const at::Tensor& indices, const at::Tensor& values) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastpeft::sparse_delta_add_", "")
-                       .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  op.call(out, indices, values);
 }
 
 at::Tensor masked_weight_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

@@ -18,16 +18,25 @@
 #include "sparse_delta/sparse_delta.h"
 
 namespace fastpeft {
-namespace {
 
-constexpr const char* kOp = "fastpeft.sparse_delta_linear";
-
+// Through the dispatcher, so each runs its device's kernel (declared in sparse_delta.h).
 void call_sparse_delta_add(at::Tensor& out, const at::Tensor& indices, const at::Tensor& values) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastpeft::sparse_delta_add_", "")
                        .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&)>();
   op.call(out, indices, values);
 }
+
+at::Tensor call_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastpeft::sparse_delta_weight_grad", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(grad_out, x, indices, /*chunk_tokens=*/0);
+}
+
+namespace {
+
+constexpr const char* kOp = "fastpeft.sparse_delta_linear";
 
 void call_dequantize_add_delta(const Quant4bitWeight& w, const at::Tensor& indices, const at::Tensor& values,
                                at::Tensor& out) {
@@ -39,13 +48,6 @@ void call_dequantize_add_delta(const Quant4bitWeight& w, const at::Tensor& indic
   auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
   op.call(w.packed, w.absmax, opt(w.nested_absmax), opt(w.nested_code), opt(w.nested_offset), w.blocksize,
           w.nested_blocksize, w.type == Quant4bitType::NF4 ? "nf4" : "fp4", indices, values, out);
-}
-
-at::Tensor call_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastpeft::sparse_delta_weight_grad", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
-  return op.call(grad_out, x, indices, /*chunk_tokens=*/0);
 }
 
 // W + D as a dense [O, K] tensor of x's dtype in the shared workspace (valid until the next

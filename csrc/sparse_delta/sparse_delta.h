@@ -30,4 +30,10 @@ void sparse_delta_rows_dot_accum_cuda(at::Tensor& acc, const at::Tensor& grad_t,
 std::pair<at::Tensor, at::Tensor> checked_delta(const at::Tensor& indices, const at::Tensor& values, int64_t numel,
                                                 const at::Device& device, const char* op);
 
+// The building-block ops called through the dispatcher (any device), for the composite op bodies
+// (sparse_delta.cpp, csrc/masked_linear/): fastpeft::sparse_delta_add_ and
+// fastpeft::sparse_delta_weight_grad with automatic token chunks; the weight gradient is float32 [k].
+void call_sparse_delta_add(at::Tensor& out, const at::Tensor& indices, const at::Tensor& values);
+at::Tensor call_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices);
+
 }  // namespace fastpeft

@@ -63,8 +63,7 @@ def use_masked_weight_grads(model: nn.Module, mask: Mask) -> MaskedGradsReport:
     convolutions) keep their dense gradient. ``nn.Linear`` subclasses with their own forward
     (bitsandbytes layers), layers whose forward a library already replaced (accelerate's hooks)
     and layers with a quantized, non-contiguous or meta weight keep it too and are reported in
-    ``skipped``. Calling it again re-points already patched layers
-    at the new mask's indices.
+    ``skipped``. Calling it again re-points already patched layers at the new mask's indices.
     """
     if not isinstance(mask, dict):
         raise ValueError(f"mask must be a dict of parameter name -> flat indices or None, got {type(mask).__name__}")
@@ -76,12 +75,12 @@ def use_masked_weight_grads(model: nn.Module, mask: Mask) -> MaskedGradsReport:
         if idx is None or leaf != "weight" or name not in params:
             continue
         module = modules.get(module_name)
-        if isinstance(module, nn.Linear) and hasattr(module, _INDICES):  # patched before: new indices
+        if not isinstance(module, nn.Linear):
+            continue  # embeddings, norms, convolutions: not this patch's business, dense gradients
+        if hasattr(module, _INDICES):  # patched before: new indices
             setattr(module, _INDICES, idx.to(module.weight.device))
             report.patched.append(module_name)
             continue
-        if not isinstance(module, nn.Linear):
-            continue  # embeddings, norms, convolutions: not this patch's business, dense gradients
         problem = _problem(module, params[name])
         if problem:
             report.skipped[module_name] = problem
