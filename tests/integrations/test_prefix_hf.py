@@ -207,3 +207,25 @@ def test_errors():
         base.train()  # attention dropout: concat + SDPA fallback (peft parity in test_prompt_learning_models)
         ids = torch.randint(0, 96, (1, 4))
         assert not torch.equal(base(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_dropout_fallback_shared_prefix_matches_an_explicit_index(padding):
+    # The attention-dropout fallback expands a shared prefix over the batch (no gather, whose
+    # backward is an accumulating index_put); it must equal gathering set 0 for every example,
+    # outputs and gradients, with the same dropout masks.
+    attention = tiny().model.layers[0].self_attn
+    B, S, H, Hkv, D = 3, 7, 4, 2, 16
+    torch.manual_seed(1)
+    leaves = [torch.randn(B, H, S, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D),
+              torch.randn(1, Hkv, P, D), torch.randn(1, Hkv, P, D)]  # fmt: skip
+    mask = None if padding == "none" else batch(B, S, padding)[1].bool()[:, None, None, :].expand(B, 1, S, S)
+    results = []
+    for index in (None, torch.zeros(B, dtype=torch.long)):
+        q, k, v, pk, pv = (t.clone().requires_grad_() for t in leaves)
+        torch.manual_seed(7)
+        out, _ = integration._concatenated_attention(attention, q, k, v, pk, pv, index, mask, mask is None, 0.3, None)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [t.grad for t in (q, k, v, pk, pv)])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
