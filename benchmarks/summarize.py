@@ -8,6 +8,7 @@ are min..max over the cases measured. The main job's files (examples/finetune_mi
 own format; ``main_job`` turns one into rows and a headline of the same schema.
 
     python benchmarks/summarize.py [benchmarks/results/<device>]
+    python benchmarks/summarize.py --cases benchmarks/results/<device>/bench_<name>.json   # per-case medians
 """
 
 from __future__ import annotations
@@ -124,6 +125,46 @@ def summarise(folder: str) -> str:
     return "\n".join(header + lines)
 
 
+def _ms(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def cases_table(path: str) -> str:
+    """Every case of one results file as a Markdown table of medians: a row per (case, mode),
+    a column per provider, each cell "median (p20-p80)" in ms; "saved" (bytes autograd keeps for
+    backward) per provider where the rows carry it. What the docs' "Measured" sections show."""
+    data = load(path)
+    if data is None or "rows" not in data:
+        raise ValueError(f"{path} is not a benchmark results file")
+    providers, cells, saved = [], defaultdict(dict), defaultdict(dict)
+    for r in data["rows"]:
+        if r.get("median_ms") is None:
+            continue
+        if r["provider"] not in providers:
+            providers.append(r["provider"])
+        key = (r["case"], r["mode"])
+        cells[key][r["provider"]] = f"{_ms(r['median_ms'])} ({_ms(r['p20_ms'])}-{_ms(r['p80_ms'])})"
+        if isinstance(r.get("saved_bytes"), int):
+            saved[key][r["provider"]] = f"{r['saved_bytes']:,}"
+    with_saved = any(saved.values())
+    header = ["case", "mode"] + providers + (["saved bytes (" + " / ".join(providers) + ")"] if with_saved else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for (case, mode), by_provider in cells.items():
+        row = [case, mode] + [by_provider.get(p, "-") for p in providers]
+        if with_saved:
+            row.append(" / ".join(saved[(case, mode)].get(p, "-") for p in providers) if saved[(case, mode)] else "")
+        lines.append("| " + " | ".join(row) + " |")
+    env = data.get("environment", {})
+    threads = env.get("threads", "?")
+    note = (f"{env.get('device', '?')}, torch {env.get('torch', '?')}, {threads} thread{'' if threads == 1 else 's'}, commit "
+            f"{env.get('commit', '?')}, {env.get('date', '?')[:10]}; median (p20-p80) ms of "
+            f"{data.get('config', {}).get('reps', '?')} interleaved reps ({os.path.basename(path)}).")  # fmt: skip
+    return "\n".join([note, ""] + lines)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--cases"]:  # python benchmarks/summarize.py --cases results/<device>/bench_x.json
+        print("\n\n".join(cases_table(p) for p in sys.argv[2:]))
+        sys.exit(0)
     folders = sys.argv[1:] or sorted(glob.glob(os.path.join(HERE, "results", "*")))
     print("\n\n".join(summarise(f) for f in folders if os.path.isdir(f)))

@@ -72,6 +72,11 @@ def test_bench_writes_the_schema(name, tmp_path, monkeypatch):
         assert what and any(c not in ("", "-") for c in cells), (what, cells)
     markdown = summarize.summarise(str(path.parent))
     assert path.name in markdown
+    per_case = summarize.cases_table(str(path)).splitlines()  # the docs' "Measured" tables
+    header = [c.strip() for c in per_case[2].strip("|").split("|")]
+    timed = [r for r in data["rows"] if r.get("median_ms") is not None]
+    assert {r["provider"] for r in timed} <= set(header)
+    assert len(per_case) == 4 + len({(r["case"], r["mode"]) for r in timed})
     roofline = data["environment"].get("roofline")  # written by common.finish
     if roofline is not None:
         assert roofline["triad_gbps"] > 0 and roofline["gemm_tflops"] > 0
