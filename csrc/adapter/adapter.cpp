@@ -315,7 +315,7 @@ StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor&
   if (need_coeffs) out.coeffs = g_coeffs;
   // A single adapter's layer norm runs forward and backward in ATen with its affine (the affine's
   // gradients come out of the same pass); a bank needs the normalised h before the affine.
-  const Normed n = normalize(s, h, chain.eps, /*want_plain=*/s.banked());
+  Normed n = normalize(s, h, chain.eps, /*want_plain=*/s.banked());
   if (need_adapter) {
     at::Tensor gU, gWd;
     if (!s.banked()) {
@@ -330,6 +330,10 @@ StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor&
     out.Wd = gWd;
     out.bd = ia3_task_reduce(dz, at::Tensor(), at::Tensor(), s.banks, false, nullptr).to(dz.scalar_type());
   }
+  // Free the recomputed [M, d] LN(h) (and a~) before the input gradient allocates its own [M, d]
+  // tensors: one [M, d] tensor less at the backward's peak.
+  n.h = at::Tensor();
+  a_aug = at::Tensor();
   if (!need_h && !(need_ln && s.ln_w.defined())) return out;
   at::Tensor ghn;
   if (!s.banked()) {

@@ -150,6 +150,23 @@ def test_backward_saves_only_the_r_wide_activation_input(stages, ln, with_residu
     assert all(v[1] == B * S * r * 4 for v in others.values())
 
 
+def test_layer_norm_backward_peak_is_two_hidden_wide_tensors():
+    # Backward recomputes LN(h) for the down weight's gradient and frees it before the layer-norm
+    # backward allocates its [M, d] input gradient: the peak above the start is that gradient and
+    # the [M, d] gradient of LN(h), plus [M, r]-sized pieces (exact, from the profiler's timeline).
+    from fastpeft.memory import peak_bytes
+    from fastpeft.nn import BottleneckAdapter
+
+    torch.manual_seed(0)
+    M, d, r = 256, 128, 16
+    layer = BottleneckAdapter(d, r, "gelu", ln_before=True)
+    x, res = leaf(torch.randn(M, d)), leaf(torch.randn(M, d))
+    out, grad = layer(x, residual=res), torch.ones(M, d)
+    peak = peak_bytes(lambda: out.backward(grad))
+    hidden = M * d * 4
+    assert 2 * hidden <= peak < 2.5 * hidden, peak / hidden  # 3.6 x hidden while LN(h) stayed alive
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("requires_grad,ln", [(False, False), (True, True)])
 def test_opcheck(device, requires_grad, ln):
