@@ -8,6 +8,7 @@
 // Backward keeps per stage only z (the r-wide activation input); LN(h), act(z) and the inputs of
 // later stages are recomputed (GEMMs with the small r, and one layer norm: for a single adapter
 // ATen's affine layer norm forward and backward, whose backward also gives the affine's gradients).
+// Without layer norms a later stage's input is never formed again (StackedInput).
 //
 // Rational activation (adaptable adapters, adapter/adapter_rational.h): the epilogue evaluates each
 // example's adapter's R(z); backward returns dz and the [M, 10] per-row coefficient gradients,
@@ -288,6 +289,43 @@ at::Tensor sum_per_bank(const at::Tensor& per_example, const Stage& s) {
       .view({s.N(), per_example.size(1), per_example.size(2)});
 }
 
+// The input of a stacked stage k >= 1 as the forward built it: h_k = base + sum_j s_j a~_j U_j^T
+// over the stages j < k (base: the first stage's residual). A stage without a layer norm needs h_k
+// only for its down weight's gradient dz^T h_k, which distributes over that sum: dz^T base plus
+// s_j (dz^T a~_j) U_j^T, where dz^T a~_j is only [r, r_pad]. So h_k is never recomputed: no
+// [M, r_pad] x [r_pad, d] GEMM and no [M, d] tensor per stacked stage.
+struct StackedInput {
+  at::Tensor base;                   // [M, d]
+  std::vector<at::Tensor> a_aug;     // a~_j, [M, r_pad_j]
+  std::vector<const Stage*> stages;  // stage j (its U, scaling and banks)
+};
+
+// dz^T h for every example ([B, r, d]) when `per_example`, else summed over all rows ([r, d]).
+// The [r, r_pad] products and the sum are float32; one rounding to the compute dtype at the end.
+at::Tensor stacked_down_weight_grad(const at::Tensor& dz, const StackedInput& in, const TaskMap& banks,
+                                    bool per_example) {
+  const auto dz32 = dz.to(at::kFloat);
+  at::Tensor total = per_example ? at::bmm(by_example(dz, banks).transpose(1, 2), by_example(in.base, banks))
+                                 : at::mm(dz.t(), in.base);
+  total = total.to(at::kFloat);
+  for (size_t j = 0; j < in.stages.size(); ++j) {
+    const Stage& sj = *in.stages[j];
+    const auto U = up_augmented(sj).to(at::kFloat);  // [N_j, d, r_pad_j]
+    const auto a32 = in.a_aug[j].to(at::kFloat);
+    at::Tensor term;
+    if (!per_example && !sj.banked()) {
+      term = at::mm(at::mm(dz32.t(), a32), U[0].t());  // [r, d]
+    } else {
+      const TaskMap& b = sj.banked() ? sj.banks : banks;  // both views cut [M] into the same examples
+      const auto C = at::bmm(by_example(dz32, b).transpose(1, 2), by_example(a32, b));  // [B, r, r_pad_j]
+      term = sj.banked() ? at::bmm(C, gather_bank(U, sj.banks.ids).transpose(1, 2)) : at::matmul(C, U[0].t());
+      if (!per_example) term = term.sum(0);
+    }
+    total.add_(term, sj.scaling);
+  }
+  return total.to(dz.scalar_type());
+}
+
 // Gradients of one stage. g: grad of the stage output [M, d]; h: stage input; z: saved.
 struct StageGrads {
   at::Tensor h;  // through the adapter branch only (the residual's share is g itself)
@@ -295,11 +333,14 @@ struct StageGrads {
   at::Tensor coeffs;  // rational activation only
 };
 
+// `stacked` (a stage k >= 1 without layer norm): h is undefined and the down weight's gradient
+// comes from the stage input's parts (StackedInput).
 StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor& h, const at::Tensor& z,
-                          const Chain& chain, bool need_h, bool need_adapter, bool need_ln, bool need_coeffs) {
+                          const Chain& chain, bool need_h, bool need_adapter, bool need_ln, bool need_coeffs,
+                          const StackedInput* stacked = nullptr) {
   StageGrads out;
-  const int64_t M = h.size(0), d = chain.d, r_pad = padded_rank(s.r);
-  auto a_aug = at::empty({M, r_pad}, h.options());
+  const int64_t M = g.size(0), d = chain.d, r_pad = padded_rank(s.r);
+  auto a_aug = at::empty({M, r_pad}, g.options());
   auto z_copy = z;  // epilogue without bias only reads z
   down_epilogue(z_copy, at::Tensor(), s.banks, a_aug, chain.act, s.coeffs);
   // grad of a~ through the up GEMM, then through the activation: dz = (g (s Wu)) * act'(z), the
@@ -315,15 +356,17 @@ StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor&
   if (need_coeffs) out.coeffs = g_coeffs;
   // A single adapter's layer norm runs forward and backward in ATen with its affine (the affine's
   // gradients come out of the same pass); a bank needs the normalised h before the affine.
-  Normed n = normalize(s, h, chain.eps, /*want_plain=*/s.banked());
+  Normed n = stacked ? Normed{} : normalize(s, h, chain.eps, /*want_plain=*/s.banked());
   if (need_adapter) {
     at::Tensor gU, gWd;
     if (!s.banked()) {
       gU = mm_scaled(g.t(), a_aug, s.scaling).unsqueeze(0);  // [1, d, r_pad]: [gWu | gbu | .]
-      gWd = at::mm(dz.t(), n.h).unsqueeze(0);
+      gWd = (stacked ? stacked_down_weight_grad(dz, *stacked, s.banks, false) : at::mm(dz.t(), n.h)).unsqueeze(0);
     } else {
       gU = sum_per_bank(bmm_scaled(by_example(g, s.banks).transpose(1, 2), by_example(a_aug, s.banks), s.scaling), s);
-      gWd = sum_per_bank(at::bmm(by_example(dz, s.banks).transpose(1, 2), by_example(n.h, s.banks)), s);
+      gWd = sum_per_bank(stacked ? stacked_down_weight_grad(dz, *stacked, s.banks, true)
+                                 : at::bmm(by_example(dz, s.banks).transpose(1, 2), by_example(n.h, s.banks)),
+                         s);
     }
     out.Wu = gU.narrow(2, 0, s.r).contiguous();
     out.bu = gU.select(2, s.r).contiguous();
@@ -400,14 +443,26 @@ bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, con
   const bool need_ln = output_mask[3] && chain.stages[0].ln_w.defined();
   const bool need_coeffs = output_mask[4] && chain.act == AdapterActivation::Rational;
 
-  // Inputs of every stage: x, then each stage's output, recomputed from the saved z (one GEMM each).
+  // Inputs of every stage: x, then each stage's output, rebuilt from the saved z. Stages with a
+  // layer norm need their input itself (one up GEMM each); without one, a stage's input stays in
+  // parts (StackedInput: the first residual and each earlier stage's a~, [M, r_pad]).
+  const bool stacked_parts = !chain.stages[0].ln_w.defined();  // layer norms are on every stage or none
   std::vector<at::Tensor> inputs{x2};
+  std::vector<StackedInput> parts(n);
   at::Tensor res = has_res ? residual->reshape({-1, d}).contiguous() : x2;
   for (size_t i = 0; i + 1 < n; ++i) {
     const auto& s = chain.stages[i];
     auto a_aug = at::empty({M, padded_rank(s.r)}, x2.options());
     auto z = saved[i].contiguous();
     down_epilogue(z, at::Tensor(), s.banks, a_aug, chain.act, s.coeffs);
+    if (stacked_parts) {
+      parts[i + 1] = parts[i];
+      if (i == 0) parts[1].base = res;
+      parts[i + 1].a_aug.push_back(a_aug);
+      parts[i + 1].stages.push_back(&s);
+      inputs.push_back(at::Tensor());
+      continue;
+    }
     res = up_project(s, a_aug, res);
     inputs.push_back(res);
   }
@@ -424,7 +479,7 @@ bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     const bool first = k == 0;
     const bool need_h = first ? need_x : true;
     auto sg = stage_backward(chain.stages[k], g, inputs[k], saved[k].contiguous(), chain, need_h, need_adapter, need_ln,
-                             need_coeffs);
+                             need_coeffs, inputs[k].defined() ? nullptr : &parts[k]);
     if (need_coeffs) gcoeffs[k] = sg.coeffs;
     if (need_adapter) {
       gWd[k] = sg.Wd;
