@@ -294,22 +294,23 @@ at::Tensor sum_per_bank(const at::Tensor& per_example, const Stage& s) {
 // only for its down weight's gradient dz^T h_k, which distributes over that sum: dz^T base plus
 // s_j (dz^T a~_j) U_j^T, where dz^T a~_j is only [r, r_pad]. So h_k is never recomputed: no
 // [M, r_pad] x [r_pad, d] GEMM and no [M, d] tensor per stacked stage.
+// One StackedInput serves every stage of the chain: stage k's input is base plus the terms j < k.
 struct StackedInput {
-  at::Tensor base;                   // [M, d]
-  std::vector<at::Tensor> a_aug;     // a~_j, [M, r_pad_j]
-  std::vector<const Stage*> stages;  // stage j (its U, scaling and banks)
+  at::Tensor base;                 // [M, d]
+  std::vector<at::Tensor> a_aug;   // a~_j of every stage but the last, [M, r_pad_j]
+  const std::vector<Stage>* stages = nullptr;  // the chain's stages (U_j, scaling and banks)
 };
 
-// dz^T h for every example ([B, r, d]) when `per_example`, else summed over all rows ([r, d]).
+// dz^T h_k for every example ([B, r, d]) when `per_example`, else summed over all rows ([r, d]).
 // The [r, r_pad] products and the sum are float32; one rounding to the compute dtype at the end.
-at::Tensor stacked_down_weight_grad(const at::Tensor& dz, const StackedInput& in, const TaskMap& banks,
+at::Tensor stacked_down_weight_grad(const at::Tensor& dz, const StackedInput& in, size_t k, const TaskMap& banks,
                                     bool per_example) {
   const auto dz32 = dz.to(at::kFloat);
   at::Tensor total = per_example ? at::bmm(by_example(dz, banks).transpose(1, 2), by_example(in.base, banks))
                                  : at::mm(dz.t(), in.base);
   total = total.to(at::kFloat);
-  for (size_t j = 0; j < in.stages.size(); ++j) {
-    const Stage& sj = *in.stages[j];
+  for (size_t j = 0; j < k; ++j) {
+    const Stage& sj = (*in.stages)[j];
     const auto U = up_augmented(sj).to(at::kFloat);  // [N_j, d, r_pad_j]
     const auto a32 = in.a_aug[j].to(at::kFloat);
     at::Tensor term;
@@ -333,16 +334,23 @@ struct StageGrads {
   at::Tensor coeffs;  // rational activation only
 };
 
-// `stacked` (a stage k >= 1 without layer norm): h is undefined and the down weight's gradient
-// comes from the stage input's parts (StackedInput).
+// `stacked` (the chain's stages have no layer norm): stage k's input h is undefined for k >= 1 and
+// its down weight's gradient comes from the input's parts; a~ of stages before the last is
+// taken from there rather than computed again.
 StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor& h, const at::Tensor& z,
                           const Chain& chain, bool need_h, bool need_adapter, bool need_ln, bool need_coeffs,
-                          const StackedInput* stacked = nullptr) {
+                          const StackedInput* stacked = nullptr, size_t k = 0) {
   StageGrads out;
   const int64_t M = g.size(0), d = chain.d, r_pad = padded_rank(s.r);
-  auto a_aug = at::empty({M, r_pad}, g.options());
-  auto z_copy = z;  // epilogue without bias only reads z
-  down_epilogue(z_copy, at::Tensor(), s.banks, a_aug, chain.act, s.coeffs);
+  at::Tensor a_aug;
+  if (stacked && k < stacked->a_aug.size()) {
+    a_aug = stacked->a_aug[k];
+  } else {
+    a_aug = at::empty({M, r_pad}, g.options());
+    auto z_copy = z;  // epilogue without bias only reads z
+    down_epilogue(z_copy, at::Tensor(), s.banks, a_aug, chain.act, s.coeffs);
+  }
+  const bool from_parts = stacked && k > 0;
   // grad of a~ through the up GEMM, then through the activation: dz = (g (s Wu)) * act'(z), the
   // scaling applied by the GEMM (alpha) rather than by a pass over [M, r].
   at::Tensor dz;
@@ -356,15 +364,16 @@ StageGrads stage_backward(const Stage& s, const at::Tensor& g, const at::Tensor&
   if (need_coeffs) out.coeffs = g_coeffs;
   // A single adapter's layer norm runs forward and backward in ATen with its affine (the affine's
   // gradients come out of the same pass); a bank needs the normalised h before the affine.
-  Normed n = stacked ? Normed{} : normalize(s, h, chain.eps, /*want_plain=*/s.banked());
+  Normed n = from_parts ? Normed{} : normalize(s, h, chain.eps, /*want_plain=*/s.banked());
   if (need_adapter) {
     at::Tensor gU, gWd;
     if (!s.banked()) {
       gU = mm_scaled(g.t(), a_aug, s.scaling).unsqueeze(0);  // [1, d, r_pad]: [gWu | gbu | .]
-      gWd = (stacked ? stacked_down_weight_grad(dz, *stacked, s.banks, false) : at::mm(dz.t(), n.h)).unsqueeze(0);
+      gWd = (from_parts ? stacked_down_weight_grad(dz, *stacked, k, s.banks, false) : at::mm(dz.t(), n.h))
+                .unsqueeze(0);
     } else {
       gU = sum_per_bank(bmm_scaled(by_example(g, s.banks).transpose(1, 2), by_example(a_aug, s.banks), s.scaling), s);
-      gWd = sum_per_bank(stacked ? stacked_down_weight_grad(dz, *stacked, s.banks, true)
+      gWd = sum_per_bank(from_parts ? stacked_down_weight_grad(dz, *stacked, k, s.banks, true)
                                  : at::bmm(by_example(dz, s.banks).transpose(1, 2), by_example(n.h, s.banks)),
                          s);
     }
@@ -448,18 +457,15 @@ bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, con
   // parts (StackedInput: the first residual and each earlier stage's a~, [M, r_pad]).
   const bool stacked_parts = !chain.stages[0].ln_w.defined();  // layer norms are on every stage or none
   std::vector<at::Tensor> inputs{x2};
-  std::vector<StackedInput> parts(n);
   at::Tensor res = has_res ? residual->reshape({-1, d}).contiguous() : x2;
+  StackedInput parts{res, {}, &chain.stages};
   for (size_t i = 0; i + 1 < n; ++i) {
     const auto& s = chain.stages[i];
     auto a_aug = at::empty({M, padded_rank(s.r)}, x2.options());
     auto z = saved[i].contiguous();
     down_epilogue(z, at::Tensor(), s.banks, a_aug, chain.act, s.coeffs);
     if (stacked_parts) {
-      parts[i + 1] = parts[i];
-      if (i == 0) parts[1].base = res;
-      parts[i + 1].a_aug.push_back(a_aug);
-      parts[i + 1].stages.push_back(&s);
+      parts.a_aug.push_back(a_aug);
       inputs.push_back(at::Tensor());
       continue;
     }
@@ -479,7 +485,7 @@ bottleneck_adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     const bool first = k == 0;
     const bool need_h = first ? need_x : true;
     auto sg = stage_backward(chain.stages[k], g, inputs[k], saved[k].contiguous(), chain, need_h, need_adapter, need_ln,
-                             need_coeffs, inputs[k].defined() ? nullptr : &parts[k]);
+                             need_coeffs, stacked_parts ? &parts : nullptr, k);
     if (need_coeffs) gcoeffs[k] = sg.coeffs;
     if (need_adapter) {
       gWd[k] = sg.Wd;
